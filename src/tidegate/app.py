@@ -1,0 +1,94 @@
+"""Builds the ASGI application: the route table, the error handler and the lifespan."""
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tidegate.config import ServerConfig
+from tidegate.errors import Overloaded, TidegateError
+from tidegate.executor import InferenceExecutor
+from tidegate.registry import Registry
+from tidegate.v2 import DataPlane, json_response
+
+log = logging.getLogger("tidegate.app")
+
+
+async def _tidegate_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TidegateError)
+    response = json_response({"error": exc.message}, exc.status)
+    if isinstance(exc, Overloaded):
+        response.headers["retry-after"] = str(exc.retry_after)
+    return response
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = exc.detail
+    if exc.status_code == 404:
+        message = f"no endpoint {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    return json_response({"error": message}, exc.status_code)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> Response:
+    # A bug, not bad input: log the traceback, answer in the V2 error format.
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return json_response({"error": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+
+
+def _routes(plane: DataPlane) -> list[Route]:
+    model = "/v2/models/{model}"
+    version = "/v2/models/{model}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", plane.live, methods=["GET"]),
+        Route("/v2/health/ready", plane.ready, methods=["GET"]),
+        Route("/v2", plane.server_metadata, methods=["GET"]),
+        Route("/v2/models/stats", plane.model_stats, methods=["GET"]),
+        Route("/v2/repository/index", plane.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", plane.repository_load, methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", plane.repository_unload, methods=["POST"]),
+    ]
+    for prefix in (model, version):
+        routes += [
+            Route(prefix, plane.model_metadata, methods=["GET"]),
+            Route(f"{prefix}/ready", plane.model_ready, methods=["GET"]),
+            Route(f"{prefix}/config", plane.model_config, methods=["GET"]),
+            Route(f"{prefix}/stats", plane.model_stats, methods=["GET"]),
+            Route(f"{prefix}/infer", plane.infer, methods=["POST"]),
+        ]
+    return routes
+
+
+def create_app(config: ServerConfig) -> Starlette:
+    """The tidegate application for one repository. Models load during startup."""
+    registry = Registry(config.repository)
+    executor = InferenceExecutor(config.executor_threads, config.max_pending)
+    plane = DataPlane(registry, executor, config.max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await registry.load_all()
+        try:
+            yield
+        finally:
+            # The server has stopped taking requests and drained those in flight.
+            executor.shutdown()
+
+    app = Starlette(
+        routes=_routes(plane),
+        lifespan=lifespan,
+        exception_handlers={
+            TidegateError: _tidegate_error,
+            HTTPException: _http_error,
+            Exception: _unexpected_error,
+        },
+    )
+    app.state.registry = registry
+    return app

@@ -1,0 +1,365 @@
+"""The V2 wire format: request bytes to numpy arrays, and output arrays to response bytes.
+
+Pure: no I/O, no web framework. A request is parsed once (one `orjson.loads`) and
+checked against the model's metadata so that onnxruntime only ever sees inputs of
+the right names, datatypes and shapes; every rejection is a `BadRequest` naming
+the input and what is wrong with it.
+
+Triton's binary tensor data extension: when the `Inference-Header-Content-Length`
+header is present, the body is that many bytes of JSON followed by the raw tensors
+of the inputs whose `parameters.binary_data_size` is set, in input order. Fixed-size
+datatypes are little-endian row-major; a BYTES element is a 4-byte little-endian
+length followed by its bytes. Responses use the same layout for outputs that ask
+for `binary_data` (or all outputs, with the request parameter `binary_data_output`).
+"""
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from tidegate.errors import BadRequest
+from tidegate.protocol import DATATYPES, Datatype, ModelMetadata, TensorSpec
+
+_LENGTH = struct.Struct("<I")
+# Which numpy kinds a JSON array may hold for each kind of V2 datatype: integers
+# are fine where floats belong, but never strings, floats where ints belong, or
+# bools where numbers belong.
+_ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
+
+
+@dataclass(slots=True, frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(slots=True)
+class InferRequest:
+    """A decoded request: arrays ready for onnxruntime, keyed by input name."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[RequestedOutput, ...]  # empty: every output, in model order
+    binary_output: bool  # `binary_data_output`: the default for outputs that do not say
+    parameters: dict[str, Any]
+
+
+def _shape(spec: TensorSpec, raw: object) -> tuple[int, ...]:
+    if not isinstance(raw, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
+    ):
+        raise BadRequest(f"input '{spec.name}': shape must be a list of non-negative integers")
+    if len(raw) != len(spec.shape) or any(
+        want not in (-1, got) for want, got in zip(spec.shape, raw, strict=True)
+    ):
+        raise BadRequest(
+            f"input '{spec.name}': shape {raw} does not fit the model's shape {list(spec.shape)}"
+        )
+    return tuple(raw)
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    """Row-major flattening of nested JSON lists (V2 allows nested or flat data)."""
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def _from_json(spec: TensorSpec, data: object, shape: tuple[int, ...]) -> np.ndarray:
+    if not isinstance(data, list):
+        raise BadRequest(f"input '{spec.name}': data must be a JSON array")
+    count = math.prod(shape)
+    datatype = spec.datatype
+    if datatype.name == "BYTES":
+        flat = _flatten(data)
+        if not all(isinstance(item, str) for item in flat):
+            raise BadRequest(f"input '{spec.name}': BYTES data must be strings")
+        array = np.empty(len(flat), dtype=object)
+        array[:] = flat
+    else:
+        try:
+            array = np.array(data)
+        except ValueError as exc:  # ragged nesting
+            raise BadRequest(f"input '{spec.name}': data is not a regular array") from exc
+        if array.size and array.dtype.kind not in _ACCEPTED_KINDS[datatype.numpy.kind]:
+            raise BadRequest(f"input '{spec.name}': data holds values that are not {datatype.name}")
+        array = _cast(spec, array)
+    if array.size != count:
+        raise BadRequest(
+            f"input '{spec.name}': shape {list(shape)} needs {count} elements, "
+            f"data has {array.size}"
+        )
+    return array.reshape(shape)
+
+
+def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    target = spec.datatype.numpy
+    if target.kind in "iu" and array.size:
+        info = np.iinfo(target)
+        if array.min() < info.min or array.max() > info.max:
+            raise BadRequest(
+                f"input '{spec.name}': a value is out of range for {spec.datatype.name}"
+            )
+    return array.astype(target, copy=False)
+
+
+def _bytes_elements(spec: TensorSpec, buffer: memoryview, count: int) -> np.ndarray:
+    array = np.empty(count, dtype=object)
+    offset = 0
+    for index in range(count):
+        if offset + 4 > len(buffer):
+            raise BadRequest(f"input '{spec.name}': binary BYTES data ends inside element {index}")
+        (length,) = _LENGTH.unpack_from(buffer, offset)
+        offset += 4
+        if offset + length > len(buffer):
+            raise BadRequest(f"input '{spec.name}': binary BYTES element {index} overruns data")
+        try:
+            array[index] = str(buffer[offset : offset + length], "utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"input '{spec.name}': element {index} is not UTF-8 text") from exc
+        offset += length
+    if offset != len(buffer):
+        raise BadRequest(f"input '{spec.name}': binary BYTES data has bytes after {count} elements")
+    return array
+
+
+def _binary_size(spec: TensorSpec, parameters: dict[str, Any]) -> int | None:
+    size = parameters.get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BadRequest(f"input '{spec.name}': binary_data_size must be a non-negative integer")
+    return size
+
+
+def _from_binary(
+    spec: TensorSpec, body: memoryview, offset: int, size: int, shape: tuple[int, ...]
+) -> np.ndarray:
+    if offset + size > len(body):
+        raise BadRequest(
+            f"input '{spec.name}': binary_data_size {size} runs past the end of the body "
+            f"({len(body) - offset} bytes left)"
+        )
+    count = math.prod(shape)
+    datatype = spec.datatype
+    if datatype.name == "BYTES":
+        return _bytes_elements(spec, body[offset : offset + size], count).reshape(shape)
+    if size != count * datatype.itemsize:
+        raise BadRequest(
+            f"input '{spec.name}': binary_data_size {size} but shape {list(shape)} of "
+            f"{datatype.name} needs {count * datatype.itemsize} bytes"
+        )
+    return np.frombuffer(body, dtype=datatype.numpy, count=count, offset=offset).reshape(shape)
+
+
+def _reject_non_finite(spec: TensorSpec, array: np.ndarray) -> None:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise BadRequest(f"input '{spec.name}' contains NaN or infinity, which this model refuses")
+
+
+def _object(value: object, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return value
+
+
+def _requested_outputs(
+    raw: object, meta: ModelMetadata, binary_default: bool
+) -> tuple[RequestedOutput, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise BadRequest("'outputs' must be a JSON array")
+    names = {spec.name for spec in meta.outputs}
+    requested = []
+    for item in raw:
+        entry = _object(item, "each requested output")
+        name = entry.get("name")
+        if name not in names:
+            raise BadRequest(f"unknown output {name!r}; the model has: {', '.join(sorted(names))}")
+        parameters = _object(entry.get("parameters", {}), f"output '{name}' parameters")
+        if "classification" in parameters:
+            raise BadRequest(f"output '{name}': the classification extension is not supported")
+        binary = parameters.get("binary_data", binary_default)
+        requested.append(RequestedOutput(name, binary is True))
+    return tuple(requested)
+
+
+def decode_request(
+    body: bytes,
+    header_length: int | None,
+    meta: ModelMetadata,
+    *,
+    max_batch_size: int = 0,
+    reject_nan: bool = False,
+) -> InferRequest:
+    """Parses and checks one V2 infer request.
+
+    Args:
+        body: the whole request body.
+        header_length: the `Inference-Header-Content-Length` header, if sent: the
+            JSON part's length, binary tensor data following it.
+        meta: the model version's tensors, to check names, datatypes and shapes.
+        max_batch_size: if > 0 and the model has a batch axis, the most rows allowed.
+        reject_nan: refuse float inputs holding NaN or infinity.
+    """
+    if header_length is None:
+        header_length = len(body)
+    elif not 0 < header_length <= len(body):
+        raise BadRequest(
+            f"Inference-Header-Content-Length {header_length} does not fit a body of "
+            f"{len(body)} bytes"
+        )
+    try:
+        document = orjson.loads(memoryview(body)[:header_length])
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+    request = _object(document, "the request body")
+    raw_inputs = request.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("'inputs' must be a non-empty JSON array")
+
+    specs = {spec.name: spec for spec in meta.inputs}
+    view = memoryview(body)
+    offset = header_length
+    arrays: dict[str, np.ndarray] = {}
+    for item in raw_inputs:
+        entry = _object(item, "each input")
+        name = entry.get("name")
+        spec = specs.get(name) if isinstance(name, str) else None
+        if spec is None:
+            raise BadRequest(f"unknown input {name!r}; the model takes: {', '.join(specs)}")
+        if name in arrays:
+            raise BadRequest(f"input '{name}' is given twice")
+        datatype = entry.get("datatype")
+        if datatype != spec.datatype.name:
+            known = "" if datatype in DATATYPES else " (not a datatype tidegate supports)"
+            raise BadRequest(
+                f"input '{name}': datatype {datatype!r}{known} but the model takes "
+                f"{spec.datatype.name}"
+            )
+        shape = _shape(spec, entry.get("shape"))
+        size = _binary_size(
+            spec, _object(entry.get("parameters", {}), f"input '{name}' parameters")
+        )
+        if size is None:
+            if "data" not in entry:
+                raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+            array = _from_json(spec, entry["data"], shape)
+        else:
+            if "data" in entry:
+                raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
+            array = _from_binary(spec, view, offset, size, shape)
+            offset += size
+        if reject_nan:
+            _reject_non_finite(spec, array)
+        arrays[spec.name] = array
+
+    missing = [name for name in specs if name not in arrays]
+    if missing:
+        raise BadRequest(f"missing input '{missing[0]}'")
+    if offset != len(body):
+        raise BadRequest(
+            f"body has {len(body) - header_length} bytes of binary data but the inputs "
+            f"declare {offset - header_length}"
+        )
+    _check_batch(arrays, meta, max_batch_size)
+
+    parameters = _object(request.get("parameters", {}), "request parameters")
+    binary_output = parameters.get("binary_data_output") is True
+    request_id = request.get("id")
+    return InferRequest(
+        id=request_id if isinstance(request_id, str) else None,
+        inputs=arrays,
+        outputs=_requested_outputs(request.get("outputs"), meta, binary_output),
+        binary_output=binary_output,
+        parameters=parameters,
+    )
+
+
+def _check_batch(arrays: dict[str, np.ndarray], meta: ModelMetadata, max_batch_size: int) -> None:
+    if max_batch_size <= 0 or not meta.batched:
+        return
+    rows = {array.shape[0] for array in arrays.values()}
+    if len(rows) > 1:
+        raise BadRequest(f"inputs disagree on the batch size: {sorted(rows)}")
+    (batch,) = rows
+    if batch > max_batch_size:
+        raise BadRequest(f"batch size {batch} is over the model's max_batch_size {max_batch_size}")
+
+
+def _bytes_blob(array: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item.encode("utf-8") if isinstance(item, str) else bytes(item)
+        parts += (_LENGTH.pack(len(data)), data)
+    return b"".join(parts)
+
+
+def _json_data(datatype: Datatype, array: np.ndarray) -> object:
+    if datatype.name == "BYTES":
+        return [
+            item if isinstance(item, str) else bytes(item).decode("utf-8", "replace")
+            for item in array.reshape(-1)
+        ]
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request: InferRequest,
+    outputs: dict[str, np.ndarray],
+    meta: ModelMetadata,
+) -> tuple[bytes, int | None]:
+    """Encodes the outputs a request asked for.
+
+    Returns:
+        The body and, when any output is binary, the length of its JSON part (the
+        value of the `Inference-Header-Content-Length` response header).
+    """
+    wanted = request.outputs or tuple(
+        RequestedOutput(spec.name, request.binary_output) for spec in meta.outputs
+    )
+    datatypes = {spec.name: spec.datatype for spec in meta.outputs}
+    entries = []
+    blobs: list[bytes | memoryview] = []
+    for output in wanted:
+        array = outputs[output.name]
+        datatype = datatypes[output.name]
+        entry: dict[str, object] = {
+            "name": output.name,
+            "datatype": datatype.name,
+            "shape": list(array.shape),
+        }
+        if output.binary:
+            blob = (
+                _bytes_blob(array)
+                if datatype.name == "BYTES"
+                else np.ascontiguousarray(array).data.cast("B")
+            )
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = _json_data(datatype, array)
+        entries.append(entry)
+    document: dict[str, object] = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        document["id"] = request.id
+    document["outputs"] = entries
+    header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

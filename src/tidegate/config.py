@@ -1,0 +1,178 @@
+"""Configuration as frozen dataclasses, built from TOML in one place.
+
+A model's `config.toml` is optional; every key has a default. An unknown section
+or key, or a value of the wrong type, is a `ConfigError` naming the file and the
+key, so a typo never silently falls back to a default.
+"""
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tidegate.errors import ConfigError
+
+# One intra-op thread is fastest for the small tabular models this runtime targets
+# on a small machine: parallelism comes from serving many requests at once.
+DEFAULT_INTRA_OP_THREADS = 1
+DEFAULT_MAX_BATCH_SIZE = 256
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+EXECUTION_MODES = ("sequential", "parallel")
+
+
+@dataclass(slots=True, frozen=True)
+class VersionPolicy:
+    """Which versions of a model serve: the highest, all of them, or a fixed list."""
+
+    kind: str = "latest"  # "latest" | "all" | "specific"
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to load, ascending, out of those present in the repository."""
+        ordered = sorted(available)
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-1:]
+
+
+@dataclass(slots=True, frozen=True)
+class BatchingConfig:
+    """`max_batch_size` caps the rows of one request (Triton semantics; 0 = no batch axis)."""
+
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+
+
+@dataclass(slots=True, frozen=True)
+class RuntimeConfig:
+    """onnxruntime session options."""
+
+    intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
+    inter_op_threads: int = 1
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    graph_optimization: str = "all"
+    execution_mode: str = "sequential"
+
+
+@dataclass(slots=True, frozen=True)
+class ValidationConfig:
+    """Checks on request data beyond datatype and shape."""
+
+    reject_nan: bool = False  # answer 400 to NaN/inf in float inputs the model cannot take
+
+
+@dataclass(slots=True, frozen=True)
+class ModelConfig:
+    versions: VersionPolicy = field(default_factory=VersionPolicy)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass(slots=True, frozen=True)
+class ServerConfig:
+    """Settings of one server process, from the CLI."""
+
+    repository: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 64 * 1024 * 1024
+    # Threads that run onnxruntime; each runs one inference at a time.
+    executor_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    # Inferences that may wait for a thread before new ones get 503.
+    max_pending: int = 1024
+    log_level: str = "info"
+
+
+class _Section:
+    """Reads typed keys out of one TOML table and remembers which it consumed."""
+
+    def __init__(self, path: Path, name: str, table: object) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: [{name}] must be a table")
+        self.path, self.name, self.table = path, name, table
+        self.seen: set[str] = set()
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        self.seen.add(key)
+        if key not in self.table:
+            return default
+        value = self.table[key]
+        # bool is an int subclass; a flag where a number belongs is a typo, not a 1.
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+            raise ConfigError(f"{self.path}: {self.name}.{key} has the wrong type: {value!r}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        value: str = self.get(key, str, default)
+        if value not in choices:
+            raise ConfigError(f"{self.path}: {self.name}.{key} must be one of {choices}")
+        return value
+
+    def count(self, key: str, default: int, minimum: int) -> int:
+        value: int = self.get(key, int, default)
+        if value < minimum:
+            raise ConfigError(f"{self.path}: {self.name}.{key} must be >= {minimum}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.table) - self.seen)
+        if unknown:
+            raise ConfigError(f"{self.path}: unknown key {self.name}.{unknown[0]}")
+
+
+def _version_policy(section: _Section) -> VersionPolicy:
+    policy = section.get("policy", (str, list), "latest")
+    if isinstance(policy, list):
+        if not policy or not all(isinstance(v, int) and v > 0 for v in policy):
+            raise ConfigError(f"{section.path}: versions.policy must list positive version numbers")
+        return VersionPolicy("specific", tuple(sorted(policy)))
+    if policy not in ("latest", "all"):
+        raise ConfigError(f"{section.path}: versions.policy must be 'latest', 'all' or a list")
+    return VersionPolicy(policy)
+
+
+def _providers(section: _Section) -> tuple[str, ...]:
+    providers = section.get("providers", list, ["CPUExecutionProvider"])
+    if not providers or not all(isinstance(p, str) for p in providers):
+        raise ConfigError(f"{section.path}: runtime.providers must be a list of names")
+    return tuple(providers)
+
+
+def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
+    """Builds a ModelConfig from parsed TOML; `path` is only used in error messages."""
+    known = {"versions", "batching", "runtime", "validation"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
+    sections = {name: _Section(path, name, data.get(name, {})) for name in known}
+
+    versions = _version_policy(sections["versions"])
+    batching = BatchingConfig(
+        sections["batching"].count("max_batch_size", DEFAULT_MAX_BATCH_SIZE, 0)
+    )
+    rt = sections["runtime"]
+    runtime = RuntimeConfig(
+        intra_op_threads=rt.count("intra_op_threads", DEFAULT_INTRA_OP_THREADS, 0),
+        inter_op_threads=rt.count("inter_op_threads", 1, 0),
+        providers=_providers(rt),
+        graph_optimization=rt.choice("graph_optimization", GRAPH_OPTIMIZATION_LEVELS, "all"),
+        execution_mode=rt.choice("execution_mode", EXECUTION_MODES, "sequential"),
+    )
+    validation = ValidationConfig(sections["validation"].get("reject_nan", bool, False))
+    for section in sections.values():
+        section.done()
+    return ModelConfig(versions, batching, runtime, validation)
+
+
+def load_model_config(path: Path) -> ModelConfig:
+    """Reads a model's config.toml; a missing file means all defaults."""
+    if not path.exists():
+        return ModelConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_model_config(path, data)

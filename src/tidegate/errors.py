@@ -1,0 +1,54 @@
+"""The error hierarchy every layer raises, and the HTTP status each maps to.
+
+    TidegateError (500)
+    ├── BadRequest (400)       a request or a model file the server cannot use
+    │   └── ModelLoadError     a model version that failed to load (names the file)
+    ├── ConfigError (400)      a config file with a bad or unknown key (names file and key)
+    ├── NotFound (404)         an unknown or unloaded model or version
+    ├── TooLarge (413)         a body over the configured limit
+    └── Overloaded (503)       no room in a bounded queue; carries `retry_after` seconds
+
+Lower-level errors (orjson, onnxruntime, tomllib) are translated into these where
+they enter, so the HTTP edge needs one handler. Stdlib only: this module must not
+import the web framework.
+"""
+
+from http import HTTPStatus
+
+
+class TidegateError(Exception):
+    """Base of every error tidegate reports to a client; `message` names the culprit."""
+
+    status: int = HTTPStatus.INTERNAL_SERVER_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(TidegateError):
+    status = HTTPStatus.BAD_REQUEST
+
+
+class ModelLoadError(BadRequest):
+    """A model version could not be loaded; the message names the file and the reason."""
+
+
+class ConfigError(BadRequest):
+    """A config file is malformed or has an unknown key."""
+
+
+class NotFound(TidegateError):
+    status = HTTPStatus.NOT_FOUND
+
+
+class TooLarge(TidegateError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class Overloaded(TidegateError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

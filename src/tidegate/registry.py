@@ -1,0 +1,193 @@
+"""Which model versions serve, and how they are loaded, swapped and unloaded.
+
+Theory of operation
+-------------------
+The registry maps a model name to an immutable snapshot: a dict of version ->
+Deployment. A request resolves its Deployment once, at the start, and keeps the
+reference for its whole life. A load builds and warms every new session on a
+loader thread, off the event loop, and only then replaces the snapshot in one
+assignment: a request that resolved before the swap finishes on the old
+Deployment, and one that resolves after it sees the new one. An old session is
+released by reference counting once the last request holding it is done, so a
+swap drains without bookkeeping. Loads and unloads of the same model are
+serialised by a per-model lock; a failed load leaves the serving snapshot as it
+was and reports the error.
+"""
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tidegate.config import ModelConfig
+from tidegate.errors import BadRequest, NotFound, TidegateError
+from tidegate.repository import (
+    ModelSource,
+    VersionSource,
+    load_reference,
+    scan,
+    scan_model,
+)
+from tidegate.runtime import OnnxModel
+from tidegate.stats import VersionStats
+
+log = logging.getLogger("tidegate.registry")
+
+
+@dataclass(slots=True, eq=False)
+class Deployment:
+    """One loaded model version and everything a request needs to use it."""
+
+    name: str
+    version: int
+    model: OnnxModel
+    config: ModelConfig
+    stats: VersionStats = field(default_factory=VersionStats)
+
+    @property
+    def version_label(self) -> str:
+        return str(self.version)
+
+    @property
+    def max_batch_size(self) -> int:
+        """Triton's max_batch_size: 0 when the model has no batch axis."""
+        return self.config.batching.max_batch_size if self.model.meta.batched else 0
+
+
+def _build(source: ModelSource, version: VersionSource) -> Deployment:
+    """Loads and warms one version (blocking: runs on a loader thread)."""
+    model = OnnxModel(version.model_path, source.config.runtime)
+    sample = load_reference(version.reference_path) if version.reference_path else None
+    model.warm_up(sample)
+    return Deployment(source.name, version.version, model, source.config)
+
+
+def _parse_version(name: str, version: str) -> int:
+    if not version.isdigit() or int(version) < 1:
+        raise NotFound(f"model '{name}' has no version '{version}'")
+    return int(version)
+
+
+class Registry:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._models: dict[str, dict[int, Deployment]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._problems: dict[str, str] = {}  # model name -> why it is not serving
+
+    # -- reading (the hot path) -------------------------------------------------
+
+    def resolve(self, name: str, version: str | None = None) -> Deployment:
+        """The Deployment that answers `name` (at `version`, else the stable one)."""
+        versions = self._models.get(name)
+        if not versions:
+            raise NotFound(f"model '{name}' is not loaded")
+        if version is None:
+            return versions[max(versions)]
+        deployment = versions.get(_parse_version(name, version))
+        if deployment is None:
+            raise NotFound(f"model '{name}' has no loaded version '{version}'")
+        return deployment
+
+    def versions(self, name: str) -> list[Deployment]:
+        """The loaded versions of a model, ascending; NotFound if none is."""
+        versions = self._models.get(name)
+        if not versions:
+            raise NotFound(f"model '{name}' is not loaded")
+        return [versions[v] for v in sorted(versions)]
+
+    def deployments(self) -> Iterator[Deployment]:
+        for name in sorted(self._models):
+            yield from self.versions(name)
+
+    def index(self) -> list[dict[str, str]]:
+        """Every model of the repository and every loaded one, with its state."""
+        result = scan(self.root)
+        names = sorted(set(result.models) | set(self._models) | set(result.problems))
+        rows = []
+        for name in names:
+            loaded = self._models.get(name, {})
+            source = result.models.get(name)
+            on_disk = set(source.versions) if source else set()
+            for version in sorted(on_disk | set(loaded)):
+                row = {"name": name, "version": str(version)}
+                if version in loaded:
+                    row |= {"state": "READY", "reason": ""}
+                else:
+                    row |= {"state": "UNAVAILABLE", "reason": self._problems.get(name, "unloaded")}
+                rows.append(row)
+            if not on_disk and not loaded:
+                reason = result.problems.get(name) or self._problems.get(name, "")
+                rows.append({"name": name, "state": "UNAVAILABLE", "reason": reason})
+        return rows
+
+    # -- changing -------------------------------------------------------------------
+
+    async def load_all(self) -> None:
+        """Loads every model of the repository; a model that fails is logged and skipped."""
+        result = await asyncio.to_thread(scan, self.root)
+        for name, problem in result.problems.items():
+            self._problems[name] = problem
+            log.error("model %s not loaded: %s", name, problem)
+        for name in result.models:
+            try:
+                await self.load(name)
+            except TidegateError as exc:
+                log.error("model %s not loaded: %s", name, exc.message)
+
+    async def load(self, name: str, version: str | None = None) -> list[Deployment]:
+        """(Re)loads a model from the repository and returns when the new versions serve.
+
+        Without `version`, the versions the model's policy selects replace those
+        serving. With `version`, that one version is (re)loaded beside the others.
+
+        Raises:
+            NotFound: the model or version is not in the repository.
+            BadRequest: a file would not load (ModelLoadError, ConfigError); nothing changed.
+        """
+        async with self._lock(name):
+            try:
+                source = await asyncio.to_thread(scan_model, self.root, name)
+                if version is None:
+                    wanted = source.selected()
+                else:
+                    number = _parse_version(name, version)
+                    if number not in source.versions:
+                        raise NotFound(f"model '{name}' has no version {number} in the repository")
+                    wanted = [source.versions[number]]
+                built = await asyncio.to_thread(lambda: [_build(source, v) for v in wanted])
+            except BadRequest as exc:
+                self._problems[name] = exc.message
+                raise
+            snapshot = {} if version is None else dict(self._models.get(name, {}))
+            snapshot.update({d.version: d for d in built})
+            self._models[name] = snapshot
+            self._problems.pop(name, None)
+            log.info("model %s serving versions %s", name, sorted(snapshot))
+            return built
+
+    async def unload(self, name: str, version: str | None = None) -> None:
+        """Stops serving a model (or one version); in-flight requests finish first."""
+        async with self._lock(name):
+            versions = self._models.get(name)
+            if not versions:
+                raise NotFound(f"model '{name}' is not loaded")
+            if version is None:
+                del self._models[name]
+            else:
+                number = _parse_version(name, version)
+                if number not in versions:
+                    raise NotFound(f"model '{name}' has no loaded version '{version}'")
+                remaining = {v: d for v, d in versions.items() if v != number}
+                if remaining:
+                    self._models[name] = remaining
+                else:
+                    del self._models[name]
+            log.info("model %s unloaded (version %s)", name, version or "all")
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock

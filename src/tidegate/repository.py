@@ -1,0 +1,106 @@
+"""Reads a model repository (Triton's layout) into plain records; loads nothing.
+
+    <root>/<model>/config.toml            optional
+    <root>/<model>/<version>/model.onnx   versions are positive integers
+    <root>/<model>/<version>/reference.npz optional sample of training inputs
+
+Hidden entries (such as the `.tidegate` state directory) are skipped. A model
+whose directory name is not a valid model name, whose config is broken, or that
+has no version with a model file is reported in `ScanResult.problems` and left
+out, so one bad model never stops the others from serving.
+"""
+
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tidegate.config import ModelConfig, load_model_config
+from tidegate.errors import ModelLoadError, NotFound, TidegateError
+
+MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MODEL_FILE = "model.onnx"
+REFERENCE_FILE = "reference.npz"
+CONFIG_FILE = "config.toml"
+
+
+@dataclass(slots=True, frozen=True)
+class VersionSource:
+    version: int
+    model_path: Path
+    reference_path: Path | None
+
+
+@dataclass(slots=True, frozen=True)
+class ModelSource:
+    name: str
+    directory: Path
+    config: ModelConfig
+    versions: dict[int, VersionSource]
+
+    def selected(self) -> list[VersionSource]:
+        """The versions the config's version policy serves, ascending."""
+        chosen = self.config.versions.select(list(self.versions))
+        return [self.versions[v] for v in chosen]
+
+
+@dataclass(slots=True)
+class ScanResult:
+    models: dict[str, ModelSource] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)  # model name -> what is wrong
+
+
+def _version_number(name: str) -> int | None:
+    if name.isdigit() and not name.startswith("0"):
+        return int(name)
+    return None
+
+
+def scan_model(root: Path, name: str) -> ModelSource:
+    """Reads one model's directory.
+
+    Raises:
+        NotFound: no such model directory, or no version holds a model file.
+        ConfigError: config.toml is malformed or has an unknown key.
+    """
+    directory = root / name
+    if not MODEL_NAME.fullmatch(name) or name.startswith(".") or not directory.is_dir():
+        raise NotFound(f"model '{name}' is not in the repository {root}")
+    config = load_model_config(directory / CONFIG_FILE)
+    versions = {}
+    for entry in directory.iterdir():
+        number = _version_number(entry.name)
+        model_path = entry / MODEL_FILE
+        if number is None or not model_path.is_file():
+            continue
+        reference = entry / REFERENCE_FILE
+        versions[number] = VersionSource(
+            number, model_path, reference if reference.is_file() else None
+        )
+    if not versions:
+        raise NotFound(f"model '{name}' has no version directory with a {MODEL_FILE}")
+    return ModelSource(name, directory, config, versions)
+
+
+def scan(root: Path) -> ScanResult:
+    """Reads every model of the repository, collecting problems instead of stopping."""
+    result = ScanResult()
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            result.models[entry.name] = scan_model(root, entry.name)
+        except TidegateError as exc:
+            result.problems[entry.name] = exc.message
+    return result
+
+
+def load_reference(path: Path) -> dict[str, np.ndarray]:
+    """Reads a reference.npz: one array per input name."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise ModelLoadError(f"{path}: cannot read the reference data: {exc}") from exc

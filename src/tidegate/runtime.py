@@ -1,0 +1,122 @@
+"""The only module that imports onnxruntime: build, warm and run one model version.
+
+onnxruntime releases the GIL inside `InferenceSession.run`, so sessions run on
+worker threads while the event loop keeps serving. Its errors share no base
+class; they are translated here, once: a file that will not load becomes a
+`ModelLoadError` naming the file, and a run that fails on the data it was given
+becomes a `BadRequest` (the inputs already passed the datatype and shape checks,
+so what is left is data the graph refuses, such as an index out of range).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from tidegate.config import RuntimeConfig
+from tidegate.errors import BadRequest, ModelLoadError
+from tidegate.protocol import ModelMetadata, TensorSpec, datatype_from_onnx
+
+_ORT_ERRORS = (
+    ort_state.Fail,
+    ort_state.InvalidArgument,
+    ort_state.InvalidGraph,
+    ort_state.InvalidProtobuf,
+    ort_state.NoSuchFile,
+    ort_state.NotImplemented,
+    ort_state.RuntimeException,
+    ort_state.EPFail,
+)
+_LOAD_ERRORS = (*_ORT_ERRORS, RuntimeError, ValueError, OSError)
+_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+_EXECUTION = {
+    "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
+    "parallel": ort.ExecutionMode.ORT_PARALLEL,
+}
+
+
+def _session_options(config: RuntimeConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.intra_op_threads
+    options.inter_op_num_threads = config.inter_op_threads
+    options.graph_optimization_level = _OPTIMIZATION[config.graph_optimization]
+    options.execution_mode = _EXECUTION[config.execution_mode]
+    return options
+
+
+def _spec(path: Path, arg: ort.NodeArg) -> TensorSpec:
+    datatype = datatype_from_onnx(arg.type)
+    if datatype is None:
+        raise ModelLoadError(
+            f"{path}: tensor '{arg.name}' has type {arg.type}, which the V2 protocol cannot "
+            "carry (for scikit-learn classifiers, convert with zipmap=False)"
+        )
+    # Symbolic or unknown dimensions arrive as strings or None: both are dynamic.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape)
+    return TensorSpec(arg.name, datatype, shape)
+
+
+class OnnxModel:
+    """One loaded ONNX file: its session and the V2 metadata read from it."""
+
+    def __init__(self, path: Path, config: RuntimeConfig) -> None:
+        unknown = [p for p in config.providers if p not in ort.get_available_providers()]
+        if unknown:
+            raise ModelLoadError(
+                f"{path}: execution provider {unknown[0]} is not available here; "
+                f"available: {', '.join(ort.get_available_providers())}"
+            )
+        try:
+            self._session = ort.InferenceSession(
+                str(path), _session_options(config), providers=list(config.providers)
+            )
+        except _LOAD_ERRORS as exc:
+            raise ModelLoadError(f"{path}: cannot load the model: {exc}") from exc
+        self.path = path
+        self.meta = ModelMetadata(
+            inputs=tuple(_spec(path, arg) for arg in self._session.get_inputs()),
+            outputs=tuple(_spec(path, arg) for arg in self._session.get_outputs()),
+        )
+        self._output_names = [spec.name for spec in self.meta.outputs]
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs the model; blocks the calling thread but not others (the GIL is released)."""
+        try:
+            results = self._session.run(self._output_names, inputs)
+        except _ORT_ERRORS as exc:
+            raise BadRequest(f"the model could not run on this input: {exc}") from exc
+        return dict(zip(self._output_names, results, strict=True))
+
+    def warm_up(self, sample: dict[str, np.ndarray] | None) -> None:
+        """Runs one inference so the first request pays no lazy initialisation.
+
+        Uses the first row of `sample` (the version's reference data) when it has
+        every input, else zeros (empty strings) of the declared shape with each
+        dynamic dimension set to 1.
+        """
+        names = [spec.name for spec in self.meta.inputs]
+        if sample is not None and all(name in sample for name in names):
+            feeds = {name: np.asarray(sample[name][:1]) for name in names}
+            feeds = {
+                spec.name: feeds[spec.name].astype(spec.datatype.numpy, copy=False)
+                for spec in self.meta.inputs
+            }
+        else:
+            feeds = {
+                spec.name: np.full(
+                    [max(d, 1) for d in spec.shape],
+                    "" if spec.datatype.name == "BYTES" else 0,
+                    dtype=spec.datatype.numpy,
+                )
+                for spec in self.meta.inputs
+            }
+        try:
+            self.run(feeds)
+        except BadRequest as exc:
+            raise ModelLoadError(f"{self.path}: warm-up inference failed: {exc.message}") from exc

@@ -1,0 +1,117 @@
+"""Per-version inference statistics in the shape of Triton's statistics extension.
+
+Triton's clients (tritonclient, perf_analyzer) read these fields, so the names
+and units are Triton's: durations as `{count, ns}`, `last_inference` in
+milliseconds since the epoch. The hot path records monotonic nanoseconds only;
+the wall-clock time of the last inference is worked out when the stats are read.
+"""
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+    def to_json(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """Compute times of the executions that ran one batch size."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True)
+class Timings:
+    """Where one request's time went, in nanoseconds."""
+
+    total: int
+    queue: int
+    compute_input: int
+    compute_infer: int
+    compute_output: int
+
+
+@dataclass(slots=True)
+class VersionStats:
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0  # rows inferred (Triton counts each batch element)
+    execution_count: int = 0  # model executions
+    batches: dict[int, BatchStats] = field(default_factory=dict)
+    last_inference_ns: int | None = None  # on the monotonic clock
+
+    def record_success(self, rows: int, timings: Timings, now_ns: int) -> None:
+        self.success.add(timings.total)
+        self.queue.add(timings.queue)
+        self.compute_input.add(timings.compute_input)
+        self.compute_infer.add(timings.compute_infer)
+        self.compute_output.add(timings.compute_output)
+        self.inference_count += rows
+        self.execution_count += 1
+        batch = self.batches.get(rows)
+        if batch is None:
+            batch = self.batches[rows] = BatchStats()
+        batch.compute_input.add(timings.compute_input)
+        batch.compute_infer.add(timings.compute_infer)
+        batch.compute_output.add(timings.compute_output)
+        self.last_inference_ns = now_ns
+
+    def record_failure(self, total_ns: int, now_ns: int) -> None:
+        self.fail.add(total_ns)
+        self.last_inference_ns = now_ns
+
+    def to_triton(
+        self,
+        name: str,
+        version: str,
+        monotonic_ns: Callable[[], int] = time.monotonic_ns,
+        wall_ns: Callable[[], int] = time.time_ns,
+    ) -> dict[str, object]:
+        """The `model_stats` entry Triton's statistics extension returns for one version."""
+        last = 0
+        if self.last_inference_ns is not None:
+            last = (wall_ns() - (monotonic_ns() - self.last_inference_ns)) // 1_000_000
+        empty = Duration().to_json()
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": last,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.to_json(),
+                "fail": self.fail.to_json(),
+                "queue": self.queue.to_json(),
+                "compute_input": self.compute_input.to_json(),
+                "compute_infer": self.compute_infer.to_json(),
+                "compute_output": self.compute_output.to_json(),
+                "cache_hit": empty,
+                "cache_miss": empty,
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": batch.compute_input.to_json(),
+                    "compute_infer": batch.compute_infer.to_json(),
+                    "compute_output": batch.compute_output.to_json(),
+                }
+                for size, batch in sorted(self.batches.items())
+            ],
+        }
