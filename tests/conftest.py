@@ -1,0 +1,114 @@
+"""Shared fixtures: copies of the shipped repository and real `tidegate serve` processes."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """A `tidegate serve` subprocess on a free loopback port, stopped by its PID."""
+
+    def __init__(self, repository: Path, *extra: str, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.base = f"http://{self.url}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tidegate",
+                "serve",
+                str(repository),
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.client = httpx.Client(base_url=self.base, timeout=30)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if self.client.get("/v2/health/ready").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"server not ready in 60 s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM (graceful shutdown), then wait; returns the exit code."""
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def models_dir(tmp_path: Path) -> Path:
+    """A private copy of the shipped repository that a test may change."""
+    target = tmp_path / "models"
+    shutil.copytree(MODELS, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One server on the shipped models for tests that change no state."""
+    root = tmp_path_factory.mktemp("shared")
+    shutil.copytree(MODELS, root / "models")
+    live = LiveServer(root / "models", log_path=root / "server.log")
+    yield live
+    live.stop()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[type[LiveServer]]:
+    """Starts servers for one test (any options) and stops them after it."""
+    started: list[LiveServer] = []
+
+    def start(repository: Path, *extra: str) -> LiveServer:
+        live = LiveServer(repository, *extra, log_path=tmp_path / f"server{len(started)}.log")
+        started.append(live)
+        return live
+
+    yield start  # type: ignore[misc]
+    for live in started:
+        live.stop()

@@ -1,0 +1,80 @@
+"""The shipped models, their reference rows, and onnxruntime run directly as the oracle."""
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+ONNX_TO_V2 = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(int64)": "INT64",
+    "tensor(string)": "BYTES",
+}
+
+
+@dataclass(frozen=True)
+class ShippedVersion:
+    model: str
+    version: int
+
+    @property
+    def path(self) -> Path:
+        return MODELS / self.model / str(self.version) / "model.onnx"
+
+    def __str__(self) -> str:
+        return f"{self.model}-v{self.version}"
+
+
+SHIPPED = [
+    ShippedVersion(model_dir.name, int(version_dir.name))
+    for model_dir in sorted(MODELS.iterdir())
+    if model_dir.is_dir()
+    for version_dir in sorted(model_dir.iterdir())
+    if version_dir.name.isdigit()
+]
+
+
+@cache
+def session(path: Path) -> ort.InferenceSession:
+    """A plain session with the thread setting tidegate uses by default: one intra-op
+    thread. (With several, tree ensembles sum in another order, changing the last bits.)"""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def reference_rows(shipped: ShippedVersion, rows: int, start: int = 0) -> dict[str, np.ndarray]:
+    """`rows` rows of the version's reference.npz, each input in the dtype the model takes."""
+    with np.load(shipped.path.parent / "reference.npz") as archive:
+        arrays = {name: archive[name][start : start + rows] for name in archive.files}
+    return {
+        name: array.astype(object) if array.dtype.kind == "U" else array
+        for name, array in arrays.items()
+    }
+
+
+def expected_outputs(
+    shipped: ShippedVersion, feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """onnxruntime's own answer, with no tidegate code in between."""
+    sess = session(shipped.path)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds), strict=True))
+
+
+def assert_same_output(got: np.ndarray, expected: np.ndarray) -> None:
+    """Equal outputs: exact for labels and strings, rtol 1e-5 for scores."""
+    assert got.shape == expected.shape
+    if expected.dtype == object:
+        decoded = [g.decode() if isinstance(g, bytes) else g for g in got.reshape(-1)]
+        assert decoded == list(expected.reshape(-1))
+    elif expected.dtype.kind == "f":
+        assert got.dtype == expected.dtype
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=0)
+    else:
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
