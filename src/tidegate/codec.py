@@ -93,6 +93,9 @@ def _from_json(spec: TensorSpec, data: object, shape: tuple[int, ...]) -> np.nda
             array = np.array(data)
         except ValueError as exc:  # ragged nesting
             raise BadRequest(f"input '{spec.name}': data is not a regular array") from exc
+        if datatype.numpy.kind in "iu" and array.dtype.kind == "f":
+            # numpy turns a mix of int64 and uint64 values into float64.
+            array = _exact_integers(spec, _flatten(data))
         if array.size and array.dtype.kind not in _ACCEPTED_KINDS[datatype.numpy.kind]:
             raise BadRequest(f"input '{spec.name}': data holds values that are not {datatype.name}")
         array = _cast(spec, array)
@@ -102,6 +105,19 @@ def _from_json(spec: TensorSpec, data: object, shape: tuple[int, ...]) -> np.nda
             f"data has {array.size}"
         )
     return array.reshape(shape)
+
+
+def _exact_integers(spec: TensorSpec, flat: list[Any]) -> np.ndarray:
+    if not all(type(item) is int for item in flat):
+        raise BadRequest(
+            f"input '{spec.name}': data holds values that are not {spec.datatype.name}"
+        )
+    try:
+        return np.array(flat, dtype=spec.datatype.numpy)
+    except OverflowError as exc:
+        raise BadRequest(
+            f"input '{spec.name}': a value is out of range for {spec.datatype.name}"
+        ) from exc
 
 
 def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,217 @@
+"""A real server process: start-up with broken models, limits, the repository
+extension (load/unload), overload and graceful shutdown."""
+
+import gzip
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests import onnx_models
+from tests.shipped import ShippedVersion, expected_outputs, reference_rows
+
+DIGITS = ShippedVersion("digits", 1)
+
+
+def _digits_body(rows: int) -> bytes:
+    feeds = reference_rows(DIGITS, rows)
+    return orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [rows, 64],
+                    "data": feeds["input"].ravel().tolist(),
+                }
+            ]
+        }
+    )
+
+
+def test_broken_models_at_start_are_reported_and_others_serve(models_dir: Path, start_server):
+    garbage = models_dir / "garbage" / "1" / "model.onnx"
+    garbage.parent.mkdir(parents=True)
+    garbage.write_bytes(b"this is not an onnx file")
+    truncated = models_dir / "truncated" / "1" / "model.onnx"
+    truncated.parent.mkdir(parents=True)
+    truncated.write_bytes((models_dir / "digits" / "1" / "model.onnx").read_bytes()[:3000])
+    typo = models_dir / "typo"
+    shutil.copytree(models_dir / "diabetes", typo)
+    (typo / "config.toml").write_text("[batching]\nmax_batchsize = 8\n")
+
+    live = start_server(models_dir)
+
+    log = live.log()
+    assert f"{garbage}: cannot load the model" in log
+    assert f"{truncated}: cannot load the model" in log
+    assert f"{typo / 'config.toml'}: unknown key batching.max_batchsize" in log
+    index = {row["name"]: row for row in live.client.post("/v2/repository/index").json()}
+    for name, path in (("garbage", garbage), ("truncated", truncated)):
+        assert index[name]["state"] == "UNAVAILABLE"
+        assert str(path) in index[name]["reason"]
+    assert "max_batchsize" in index["typo"]["reason"]
+    response = live.client.get("/v2/models/garbage/ready")
+    assert response.status_code == 404
+    assert "model 'garbage' is not loaded" in response.json()["error"]
+    assert live.client.post("/v2/models/digits/infer", content=_digits_body(2)).status_code == 200
+
+
+def test_body_limit(models_dir: Path, start_server):
+    live = start_server(models_dir, "--max-body-size", "4096")
+    small = live.client.post("/v2/models/digits/infer", content=_digits_body(1))
+    assert small.status_code == 200
+    big = live.client.post("/v2/models/digits/infer", content=_digits_body(64))
+    assert big.status_code == 413
+    assert "over the limit of 4096 bytes" in big.json()["error"]
+    bomb = gzip.compress(b" " * 100_000 + _digits_body(1))
+    assert len(bomb) < 4096
+    inflated = live.client.post(
+        "/v2/models/digits/infer", content=bomb, headers={"Content-Encoding": "gzip"}
+    )
+    assert inflated.status_code == 413
+    assert "decompressed body" in inflated.json()["error"]
+    assert live.client.post("/v2/models/digits/infer", content=_digits_body(1)).status_code == 200
+
+
+def test_unload_and_load_with_tritonclient(models_dir: Path, start_server):
+    live = start_server(models_dir)
+    triton = httpclient.InferenceServerClient(live.url)
+
+    triton.unload_model("digits")
+    assert not triton.is_model_ready("digits")
+    assert triton.is_server_ready()
+    response = live.client.post("/v2/models/digits/infer", content=_digits_body(1))
+    assert response.status_code == 404
+    assert "model 'digits' is not loaded" in response.json()["error"]
+    states = {r["name"]: r["state"] for r in triton.get_model_repository_index()}
+    assert states["digits"] == "UNAVAILABLE"
+
+    triton.load_model("digits")
+    response = live.client.post("/v2/models/digits/infer", content=_digits_body(3))
+    assert response.status_code == 200
+    expected = expected_outputs(DIGITS, reference_rows(DIGITS, 3))
+    assert response.json()["outputs"][0]["data"] == expected["label"].tolist()
+
+    with pytest.raises(InferenceServerException, match="not loaded"):
+        triton.unload_model("no_such_model")
+    with pytest.raises(InferenceServerException, match="not in the repository"):
+        triton.load_model("no_such_model")
+
+
+def test_versions_load_and_unload_one_at_a_time(models_dir: Path, start_server):
+    live = start_server(models_dir)
+    post = live.client.post
+
+    def answering_version() -> str:
+        body = orjson.dumps(
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 30], "data": [0] * 30}]}
+        )
+        response = post("/v2/models/breast_cancer/infer", content=body)
+        assert response.status_code == 200
+        assert response.json()["model_version"] == response.headers["tidegate-model-version"]
+        return response.headers["tidegate-model-version"]
+
+    assert answering_version() == "2"
+    unload = post(
+        "/v2/repository/models/breast_cancer/unload", json={"parameters": {"version": "2"}}
+    )
+    assert unload.status_code == 200
+    assert answering_version() == "1"
+    assert live.client.get("/v2/models/breast_cancer/versions/2/ready").status_code == 404
+    assert live.client.get("/v2/models/breast_cancer/versions/1/ready").status_code == 200
+    assert (
+        post(
+            "/v2/repository/models/breast_cancer/load", json={"parameters": {"version": 2}}
+        ).status_code
+        == 200
+    )
+    assert answering_version() == "2"
+
+    missing = post(
+        "/v2/repository/models/breast_cancer/load", json={"parameters": {"version": "5"}}
+    )
+    assert missing.status_code == 404
+    assert "no version 5" in missing.json()["error"]
+    gone = post("/v2/repository/models/breast_cancer/unload", json={"parameters": {"version": "5"}})
+    assert gone.status_code == 404
+
+    # A new version directory is served once loaded; the policy "latest" drops version 1.
+    shutil.copytree(models_dir / "digits" / "1", models_dir / "digits" / "2")
+    assert post("/v2/repository/models/digits/load").status_code == 200
+    meta = live.client.get("/v2/models/digits").json()
+    assert meta["versions"] == ["2"]
+
+
+def test_failed_load_leaves_the_serving_version(models_dir: Path, start_server):
+    live = start_server(models_dir)
+    (models_dir / "digits" / "2").mkdir()
+    (models_dir / "digits" / "2" / "model.onnx").write_bytes(b"\x08\x01garbage")
+    response = live.client.post("/v2/repository/models/digits/load")
+    assert response.status_code == 400
+    assert "digits/2/model.onnx: cannot load the model" in response.json()["error"]
+    assert live.client.get("/v2/models/digits/ready").status_code == 200
+    served = live.client.post("/v2/models/digits/infer", content=_digits_body(2))
+    assert served.headers["tidegate-model-version"] == "1"
+    index = live.client.post("/v2/repository/index").json()
+    assert {"name": "digits", "version": "1", "state": "READY", "reason": ""} in index
+
+
+def _slow_repository(root: Path) -> Path:
+    onnx_models.save(onnx_models.slow(), root, "slow")
+    return root
+
+
+def _slow_request(base: str, results: list, index: int) -> None:
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
+    try:
+        response = httpx.post(f"{base}/v2/models/slow/infer", json=body, timeout=60)
+        results[index] = (response.status_code, response.headers, response.json())
+    except httpx.HTTPError as exc:
+        results[index] = exc
+
+
+def test_overload_answers_503_with_retry_after(tmp_path: Path, start_server):
+    live = start_server(_slow_repository(tmp_path / "repo"), "--threads", "1", "--max-pending", "1")
+    results: list = [None] * 4
+    threads = [
+        threading.Thread(target=_slow_request, args=(live.base, results, i)) for i in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = sorted(r[0] for r in results)
+    assert statuses[0] == 200
+    assert 503 in statuses
+    refused = next(r for r in results if r[0] == 503)
+    assert refused[1]["retry-after"] == "1"
+    assert "already waiting" in refused[2]["error"]
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(tmp_path: Path, start_server):
+    live = start_server(_slow_repository(tmp_path / "repo"))
+    results: list = [None]
+    thread = threading.Thread(target=_slow_request, args=(live.base, results, 0))
+    thread.start()
+    # The request reaches the idle server within milliseconds; the model takes about
+    # a second, so at this point it is being computed (checked below by the stats).
+    time.sleep(0.4)
+    stats = live.client.get("/v2/models/slow/stats").json()["model_stats"][0]
+    assert stats["inference_stats"]["success"]["count"] == 0
+    # uvicorn finishes its graceful shutdown, then re-raises SIGTERM so the exit status
+    # tells process managers the truth.
+    assert live.stop() == -signal.SIGTERM
+    assert "Application shutdown complete" in live.log()
+    thread.join()
+    status, _, body = results[0]
+    assert status == 200
+    np.testing.assert_allclose(body["outputs"][0]["data"], [1.0], rtol=1e-4)
