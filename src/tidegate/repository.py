@@ -90,6 +90,11 @@ def scan(root: Path) -> ScanResult:
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(".") or not entry.is_dir():
             continue
+        if not MODEL_NAME.fullmatch(entry.name):
+            result.problems[entry.name] = (
+                f"{entry}: not a valid model name (letters, digits, '_', '.', '-')"
+            )
+            continue
         try:
             result.models[entry.name] = scan_model(root, entry.name)
         except TidegateError as exc:
@@ -100,7 +105,8 @@ def scan(root: Path) -> ScanResult:
 def load_reference(path: Path) -> dict[str, np.ndarray]:
     """Reads a reference.npz: one array per input name."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        # Opened here, not by np.load, which leaks the file when the archive is corrupt.
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ModelLoadError(f"{path}: cannot read the reference data: {exc}") from exc

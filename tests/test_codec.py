@@ -1,0 +1,208 @@
+"""The wire codec on its own: no server, no onnxruntime."""
+
+import struct
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from tidegate.codec import decode_request, encode_response
+from tidegate.errors import BadRequest
+from tidegate.protocol import DATATYPES, ModelMetadata, TensorSpec
+
+FIXED = [name for name in DATATYPES if name != "BYTES"]
+
+
+def _meta(datatype: str, shape: tuple[int, ...] = (-1, 3)) -> ModelMetadata:
+    spec = DATATYPES[datatype]
+    return ModelMetadata(
+        inputs=(TensorSpec("x", spec, shape),), outputs=(TensorSpec("y", spec, shape),)
+    )
+
+
+def _binary_request(array: np.ndarray, datatype: str, **extra: object) -> tuple[bytes, int]:
+    if datatype == "BYTES":
+        blob = b"".join(struct.pack("<I", len(v)) + v for v in array.reshape(-1))
+    else:
+        blob = array.tobytes()
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": datatype,
+                    "shape": list(array.shape),
+                    "parameters": {"binary_data_size": len(blob)},
+                }
+            ],
+            **extra,
+        }
+    )
+    return header + blob, len(header)
+
+
+def _split_binary_response(body: bytes, header_length: int) -> tuple[dict, list[bytes]]:
+    document = orjson.loads(body[:header_length])
+    blobs, offset = [], header_length
+    for output in document["outputs"]:
+        size = output["parameters"]["binary_data_size"]
+        blobs.append(body[offset : offset + size])
+        offset += size
+    assert offset == len(body)
+    return document, blobs
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), datatype=st.sampled_from(FIXED))
+def test_binary_round_trip_is_exact(data, datatype):
+    dtype = DATATYPES[datatype].numpy
+    array = data.draw(hnp.arrays(dtype, hnp.array_shapes(min_dims=2, max_dims=2, max_side=20)))
+    meta = _meta(datatype, (-1, array.shape[1]))
+    body, header_length = _binary_request(array, datatype, parameters={"binary_data_output": True})
+
+    request = decode_request(body, header_length, meta)
+
+    decoded = request.inputs["x"]
+    assert decoded.dtype == dtype
+    assert decoded.shape == array.shape
+    assert decoded.tobytes() == array.tobytes()  # bit-exact, NaN payloads included
+    assert not decoded.flags.owndata  # a view on the request body, not a copy
+    response, json_length = encode_response("m", "1", request, {"y": decoded}, meta)
+    assert json_length is not None
+    document, blobs = _split_binary_response(response, json_length)
+    assert document["outputs"][0]["shape"] == list(array.shape)
+    assert blobs == [array.tobytes()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), datatype=st.sampled_from([d for d in FIXED if d not in ("FP16",)]))
+def test_json_round_trip_is_exact(data, datatype):
+    dtype = DATATYPES[datatype].numpy
+    elements = (
+        st.floats(width=8 * dtype.itemsize, allow_nan=False, allow_infinity=False)
+        if dtype.kind == "f"
+        else None
+    )
+    array = data.draw(
+        hnp.arrays(dtype, hnp.array_shapes(min_dims=2, max_dims=2, max_side=20), elements=elements)
+    )
+    meta = _meta(datatype, (-1, array.shape[1]))
+    nested = data.draw(st.booleans())
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": datatype,
+                    "shape": list(array.shape),
+                    "data": array.tolist() if nested else array.ravel().tolist(),
+                }
+            ]
+        }
+    )
+
+    request = decode_request(body, None, meta)
+
+    np.testing.assert_array_equal(request.inputs["x"], array)
+    assert request.inputs["x"].dtype == dtype
+    response, json_length = encode_response("m", "1", request, {"y": request.inputs["x"]}, meta)
+    assert json_length is None
+    output = orjson.loads(response)["outputs"][0]
+    assert output["datatype"] == datatype
+    np.testing.assert_array_equal(np.array(output["data"], dtype=dtype), array.ravel())
+
+
+def _is_text(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+@given(st.lists(st.binary(max_size=30), min_size=1, max_size=12), st.booleans())
+def test_bytes_round_trip(values, binary):
+    array = np.array(values, dtype=object).reshape(-1, 1)
+    meta = _meta("BYTES", (-1, 1))
+    if binary:
+        body, header_length = _binary_request(array, "BYTES")
+        if not all(_is_text(v) for v in values):  # onnxruntime takes text only
+            with pytest.raises(BadRequest, match="not UTF-8"):
+                decode_request(body, header_length, meta)
+            return
+        request = decode_request(body, header_length, meta)
+    else:
+        texts = [v.decode("utf-8", "replace") for v in values]
+        body = orjson.dumps(
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "BYTES", "shape": [len(texts), 1], "data": texts}
+                ]
+            }
+        )
+        request = decode_request(body, None, meta)
+    decoded = request.inputs["x"]
+    assert decoded.dtype == object
+    assert [v.encode() for v in decoded.reshape(-1)] == [
+        v.decode("utf-8", "replace").encode() for v in values
+    ]
+    request.binary_output = True
+    response, json_length = encode_response("m", "1", request, {"y": decoded}, meta)
+    assert json_length is not None
+    _, (blob,) = _split_binary_response(response, json_length)
+    expected = b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in decoded.ravel())
+    assert blob == expected
+
+
+def test_requested_outputs_and_binary_defaults():
+    spec = DATATYPES["FP32"]
+    meta = ModelMetadata(
+        inputs=(TensorSpec("x", spec, (-1, 2)),),
+        outputs=(TensorSpec("a", spec, (-1, 2)), TensorSpec("b", spec, (-1, 2))),
+    )
+    body = orjson.dumps(
+        {
+            "id": "42",
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}],
+            "outputs": [{"name": "b"}, {"name": "a", "parameters": {"binary_data": False}}],
+            "parameters": {"binary_data_output": True},
+        }
+    )
+    request = decode_request(body, None, meta)
+    a = np.array([[1, 2]], dtype=np.float32)
+    b = np.array([[3, 4]], dtype=np.float32)
+    response, json_length = encode_response("m", "3", request, {"a": a, "b": b}, meta)
+    assert json_length is not None
+    document = orjson.loads(response[:json_length])
+    assert document["model_name"] == "m"
+    assert document["model_version"] == "3"
+    assert document["id"] == "42"
+    first, second = document["outputs"]
+    assert first == {
+        "name": "b",
+        "datatype": "FP32",
+        "shape": [1, 2],
+        "parameters": {"binary_data_size": 8},
+    }
+    assert second == {"name": "a", "datatype": "FP32", "shape": [1, 2], "data": [1.0, 2.0]}
+    assert response[json_length:] == b.tobytes()
+
+
+def test_max_batch_size_applies_only_to_batched_models():
+    body = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [4, 3], "data": [0] * 12}]}
+    )
+    with pytest.raises(BadRequest, match="batch size 4 is over the model's max_batch_size 3"):
+        decode_request(body, None, _meta("FP32"), max_batch_size=3)
+    assert decode_request(body, None, _meta("FP32"), max_batch_size=4).inputs["x"].shape == (4, 3)
+    fixed = _meta("FP32", (4, 3))
+    assert decode_request(body, None, fixed, max_batch_size=3).inputs["x"].shape == (4, 3)
+
+
+def test_empty_batch_is_allowed():
+    body = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "INT32", "shape": [0, 3], "data": []}]}
+    )
+    assert decode_request(body, None, _meta("INT32")).inputs["x"].shape == (0, 3)

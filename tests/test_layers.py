@@ -1,0 +1,74 @@
+"""The architecture, checked cheaply: which module may import what.
+
+A module may import tidegate modules of its own layer or lower ones, and each
+heavy third-party library stays in the one module that owns it."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tidegate"
+LAYERS = {
+    0: {"__init__", "errors", "config", "protocol", "stats"},
+    1: {"codec", "runtime", "repository", "executor"},
+    2: {"registry"},
+    3: {"v2", "app"},
+    4: {"server", "cli", "__main__"},
+}
+LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
+OWNERS = {
+    "onnxruntime": {"runtime"},
+    "starlette": {"v2", "app"},
+    "uvicorn": {"server"},
+    "click": {"cli"},
+    "orjson": {"codec", "v2"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            if node.module == "tidegate":
+                names |= {f"tidegate.{alias.name}" for alias in node.names}
+    return names
+
+
+MODULES = sorted(PACKAGE.glob("*.py"))
+
+
+def test_every_module_has_a_layer():
+    assert {p.stem for p in MODULES} == set(LAYER_OF)
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.stem)
+def test_imports_follow_the_layers(path: Path):
+    module = path.stem
+    for name in _imports(path):
+        top, _, rest = name.partition(".")
+        if top == "tidegate" and rest:
+            target = rest.split(".")[0]
+            target = target if (PACKAGE / f"{target}.py").exists() else "__init__"
+            assert LAYER_OF[target] <= LAYER_OF[module], f"{module} imports {target}"
+        owners = OWNERS.get(top)
+        if owners is not None:
+            assert module in owners, f"{module} imports {top}, owned by {owners}"
+
+
+def test_cli_help_does_not_import_the_runtime():
+    code = (
+        "import sys; from click.testing import CliRunner; from tidegate.cli import main; "
+        "result = CliRunner().invoke(main, ['serve', '--help']); "
+        "assert result.exit_code == 0 and '--max-body-size' in result.output; "
+        "heavy = {'onnxruntime', 'numpy', 'starlette', 'uvicorn'} & set(sys.modules); "
+        "print(sorted(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
