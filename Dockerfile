@@ -1,0 +1,29 @@
+# tidegate serving the shipped models. The install step is the Makefile's own
+# `make install`, the same target `make serve` and `make test` build on, so the
+# image cannot drift from what CI tests.
+FROM python:3.11-slim
+
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 tidegate
+
+WORKDIR /app
+COPY pyproject.toml README.md Makefile ./
+COPY src ./src
+RUN make install VENV=/opt/tidegate
+
+COPY models ./models
+# Numba writes its compiled-kernel cache here; the non-root user must own it.
+ENV PATH=/opt/tidegate/bin:$PATH \
+    NUMBA_CACHE_DIR=/var/cache/tidegate/numba \
+    PYTHONUNBUFFERED=1
+RUN mkdir -p "$NUMBA_CACHE_DIR" \
+    && chown -R tidegate:tidegate /var/cache/tidegate /app/models
+
+USER tidegate
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"]
+# Inside a container the port is published by the runtime, so bind every interface.
+CMD ["tidegate", "serve", "/app/models", "--host", "0.0.0.0", "--port", "8000"]
