@@ -15,7 +15,7 @@ LAYERS = {
     0: {"__init__", "errors", "config", "protocol", "stats"},
     1: {"codec", "runtime", "repository", "executor"},
     2: {"registry"},
-    3: {"v2", "app"},
+    3: {"infer", "v2", "app"},
     4: {"server", "cli", "__main__"},
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
@@ -24,7 +24,7 @@ OWNERS = {
     "starlette": {"v2", "app"},
     "uvicorn": {"server"},
     "click": {"cli"},
-    "orjson": {"codec", "v2"},
+    "orjson": {"codec", "infer", "v2"},
 }
 
 

@@ -11,8 +11,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tidegate.config import ServerConfig
-from tidegate.errors import Overloaded, TidegateError
+from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
+from tidegate.infer import InferRouter, error_parts
 from tidegate.registry import Registry
 from tidegate.v2 import DataPlane, json_response
 
@@ -21,10 +22,8 @@ log = logging.getLogger("tidegate.app")
 
 async def _tidegate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TidegateError)
-    response = json_response({"error": exc.message}, exc.status)
-    if isinstance(exc, Overloaded):
-        response.headers["retry-after"] = str(exc.retry_after)
-    return response
+    status, headers, body = error_parts(exc)
+    return Response(body, status, headers={k.decode(): v.decode() for k, v in headers})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -61,13 +60,15 @@ def _routes(plane: DataPlane) -> list[Route]:
             Route(f"{prefix}/ready", plane.model_ready, methods=["GET"]),
             Route(f"{prefix}/config", plane.model_config, methods=["GET"]),
             Route(f"{prefix}/stats", plane.model_stats, methods=["GET"]),
-            Route(f"{prefix}/infer", plane.infer, methods=["POST"]),
         ]
     return routes
 
 
-def create_app(config: ServerConfig) -> Starlette:
-    """The tidegate application for one repository. Models load during startup."""
+def create_app(config: ServerConfig) -> InferRouter:
+    """The tidegate application for one repository. Models load during startup.
+
+    Inference requests are answered by `InferRouter`, a pure ASGI app in front of
+    Starlette; Starlette serves the rest (and runs the lifespan)."""
     registry = Registry(config.repository)
     executor = InferenceExecutor(config.executor_threads, config.max_pending)
     plane = DataPlane(registry, executor, config.max_body_bytes)
@@ -90,5 +91,4 @@ def create_app(config: ServerConfig) -> Starlette:
             Exception: _unexpected_error,
         },
     )
-    app.state.registry = registry
-    return app
+    return InferRouter(app, registry, executor, config.max_body_bytes)

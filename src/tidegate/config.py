@@ -17,6 +17,7 @@ from tidegate.errors import ConfigError
 # on a small machine: parallelism comes from serving many requests at once.
 DEFAULT_INTRA_OP_THREADS = 1
 DEFAULT_MAX_BATCH_SIZE = 256
+DEFAULT_INLINE_BELOW_US = 50
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
 
@@ -54,6 +55,10 @@ class RuntimeConfig:
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     graph_optimization: str = "all"
     execution_mode: str = "sequential"
+    # Runs predicted to take less than this run on the event loop itself: handing a
+    # run to a thread and back costs ~100-150 us of wake-ups on a small VM, far more
+    # than a small tabular model takes. 0 sends every run to the thread pool.
+    inline_below_us: int = DEFAULT_INLINE_BELOW_US
 
 
 @dataclass(slots=True, frozen=True)
@@ -160,6 +165,7 @@ def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
         providers=_providers(rt),
         graph_optimization=rt.choice("graph_optimization", GRAPH_OPTIMIZATION_LEVELS, "all"),
         execution_mode=rt.choice("execution_mode", EXECUTION_MODES, "sequential"),
+        inline_below_us=rt.count("inline_below_us", DEFAULT_INLINE_BELOW_US, 0),
     )
     validation = ValidationConfig(sections["validation"].get("reject_nan", bool, False))
     for section in sections.values():

@@ -5,6 +5,7 @@
     │   └── ModelLoadError     a model version that failed to load (names the file)
     ├── ConfigError (400)      a config file with a bad or unknown key (names file and key)
     ├── NotFound (404)         an unknown or unloaded model or version
+    ├── MethodNotAllowed (405)
     ├── TooLarge (413)         a body over the configured limit
     └── Overloaded (503)       no room in a bounded queue; carries `retry_after` seconds
 
@@ -40,6 +41,10 @@ class ConfigError(BadRequest):
 
 class NotFound(TidegateError):
     status = HTTPStatus.NOT_FOUND
+
+
+class MethodNotAllowed(TidegateError):
+    status = HTTPStatus.METHOD_NOT_ALLOWED
 
 
 class TooLarge(TidegateError):

@@ -44,10 +44,15 @@ class Deployment:
     model: OnnxModel
     config: ModelConfig
     stats: VersionStats = field(default_factory=VersionStats)
+    version_label: str = field(init=False)
+    version_header: tuple[bytes, bytes] = field(init=False)
+    inline_below_ns: int = field(init=False)
 
-    @property
-    def version_label(self) -> str:
-        return str(self.version)
+    def __post_init__(self) -> None:
+        # Computed once: the hot path reads these on every request.
+        self.version_label = str(self.version)
+        self.version_header = (b"tidegate-model-version", self.version_label.encode())
+        self.inline_below_ns = self.config.runtime.inline_below_us * 1000
 
     @property
     def max_batch_size(self) -> int:

@@ -8,6 +8,7 @@ becomes a `BadRequest` (the inputs already passed the datatype and shape checks,
 so what is left is data the graph refuses, such as an index out of range).
 """
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,8 @@ _OPTIMIZATION = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+_WARM_UP_RUNS = 9  # timed runs after the first, whose median seeds the cost model
+_COST_WEIGHT = 0.05  # weight of the newest run in the moving averages of run cost
 _EXECUTION = {
     "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
     "parallel": ort.ExecutionMode.ORT_PARALLEL,
@@ -84,14 +87,29 @@ class OnnxModel:
             outputs=tuple(_spec(path, arg) for arg in self._session.get_outputs()),
         )
         self._output_names = [spec.name for spec in self.meta.outputs]
+        # Moving averages of a run's duration and of its rows: a cost model that errs
+        # towards overestimating (see predicted_ns). Set by warm_up.
+        self._mean_run_ns = float("inf")
+        self._mean_rows = 1.0
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: dict[str, np.ndarray], rows: int = 1) -> dict[str, np.ndarray]:
         """Runs the model; blocks the calling thread but not others (the GIL is released)."""
+        started = time.perf_counter_ns()
         try:
             results = self._session.run(self._output_names, inputs)
         except _ORT_ERRORS as exc:
             raise BadRequest(f"the model could not run on this input: {exc}") from exc
+        # Updated from several threads without a lock: a lost update only delays the average.
+        elapsed = time.perf_counter_ns() - started
+        self._mean_run_ns += _COST_WEIGHT * (elapsed - self._mean_run_ns)
+        self._mean_rows += _COST_WEIGHT * (rows - self._mean_rows)
         return dict(zip(self._output_names, results, strict=True))
+
+    def predicted_ns(self, rows: int) -> float:
+        """How long a run of `rows` rows will take: the average run, scaled up (never
+        down) by rows. Overestimating only sends a run to a thread when it could have
+        run inline; underestimating would block the event loop."""
+        return self._mean_run_ns * max(1.0, rows / self._mean_rows)
 
     def warm_up(self, sample: dict[str, np.ndarray] | None) -> None:
         """Runs one inference so the first request pays no lazy initialisation.
@@ -116,7 +134,15 @@ class OnnxModel:
                 )
                 for spec in self.meta.inputs
             }
+        rows = next(iter(feeds.values())).shape[0] if self.meta.batched else 1
+        durations = []
         try:
-            self.run(feeds)
+            self.run(feeds, rows)  # the first run pays for lazy initialisation
+            for _ in range(_WARM_UP_RUNS):
+                started = time.perf_counter_ns()
+                self.run(feeds, rows)
+                durations.append(time.perf_counter_ns() - started)
         except BadRequest as exc:
             raise ModelLoadError(f"{self.path}: warm-up inference failed: {exc.message}") from exc
+        self._mean_run_ns = float(np.median(durations))
+        self._mean_rows = float(rows)

@@ -1,20 +1,18 @@
-"""Starlette handlers for the V2 data plane and Triton's repository, config and
-statistics extensions. Thin: parsing lives in `codec`, state in `registry`."""
+"""Starlette handlers for the V2 endpoints other than inference (see `infer`):
+health, metadata, and Triton's repository, configuration and statistics
+extensions. Thin: state lives in `registry`."""
 
-import time
-import zlib
-from functools import partial
 from typing import Any
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tidegate import __version__, codec
-from tidegate.errors import BadRequest, TidegateError, TooLarge
+from tidegate import __version__
+from tidegate.errors import BadRequest
 from tidegate.executor import InferenceExecutor
+from tidegate.infer import receive_body
 from tidegate.registry import Deployment, Registry
-from tidegate.stats import Timings
 
 EXTENSIONS = [
     "binary_tensor_data",
@@ -24,53 +22,18 @@ EXTENSIONS = [
 ]
 PLATFORM = "onnxruntime_onnx"
 _JSON = "application/json"
-_BINARY = "application/octet-stream"
-# gzip and zlib framing are both accepted for "deflate", as browsers and curl do.
-_DECOMPRESSORS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": 32 + zlib.MAX_WBITS}
 
 
 def json_response(document: object, status: int = 200) -> Response:
     return Response(orjson.dumps(document), status, media_type=_JSON)
 
 
-def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    wbits = _DECOMPRESSORS.get(encoding)
-    if wbits is None:
-        raise BadRequest(f"Content-Encoding {encoding!r} is not supported (use gzip or deflate)")
-    decompressor = zlib.decompressobj(wbits)
-    try:
-        data = decompressor.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"body is not valid {encoding} data: {exc}") from exc
-    if len(data) > limit:
-        raise TooLarge(f"decompressed body is over the limit of {limit} bytes")
-    if not decompressor.eof:
-        raise BadRequest(f"body is truncated {encoding} data")
-    return data
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit`."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise TooLarge(f"request body of {declared} bytes is over the limit of {limit} bytes")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise TooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        body = _decompress(body, encoding, limit)
-    return body
-
-
 async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     """A small control-plane body: empty means {}."""
-    body = await read_body(request, limit)
+    headers = request.headers
+    body = await receive_body(
+        request.receive, headers.get("content-length"), headers.get("content-encoding"), limit
+    )
     if not body.strip():
         return {}
     try:
@@ -80,15 +43,6 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise BadRequest("request body must be a JSON object")
     return document
-
-
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get("inference-header-content-length")
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise BadRequest(f"Inference-Header-Content-Length {value!r} is not a byte count")
-    return int(value)
 
 
 def _metadata(name: str, deployments: list[Deployment]) -> dict[str, object]:
@@ -180,53 +134,6 @@ class DataPlane:
         return json_response(
             {"model_stats": [d.stats.to_triton(d.name, d.version_label) for d in deployments]}
         )
-
-    async def infer(self, request: Request) -> Response:
-        started = time.perf_counter_ns()
-        deployment = self._resolve(request)
-        try:
-            return await self._infer(request, deployment, started)
-        except TidegateError:
-            now = time.perf_counter_ns()
-            deployment.stats.record_failure(now - started, time.monotonic_ns())
-            raise
-
-    async def _infer(self, request: Request, deployment: Deployment, started: int) -> Response:
-        body = await read_body(request, self.max_body)
-        decode_start = time.perf_counter_ns()
-        meta = deployment.model.meta
-        decoded = codec.decode_request(
-            body,
-            _header_length(request),
-            meta,
-            max_batch_size=deployment.max_batch_size,
-            reject_nan=deployment.config.validation.reject_nan,
-        )
-        decoded_at = time.perf_counter_ns()
-        timed = await self.executor.run(partial(deployment.model.run, decoded.inputs))
-        encode_start = time.perf_counter_ns()
-        payload, json_length = codec.encode_response(
-            deployment.name, deployment.version_label, decoded, timed.value, meta
-        )
-        finished = time.perf_counter_ns()
-        headers = {"tidegate-model-version": deployment.version_label}
-        if json_length is not None:
-            headers["inference-header-content-length"] = str(json_length)
-        first = next(iter(decoded.inputs.values()))
-        rows = first.shape[0] if deployment.max_batch_size and first.ndim else 1
-        deployment.stats.record_success(
-            rows,
-            Timings(
-                total=finished - started,
-                queue=timed.queue_ns,
-                compute_input=decoded_at - decode_start,
-                compute_infer=timed.run_ns,
-                compute_output=finished - encode_start,
-            ),
-            time.monotonic_ns(),
-        )
-        media_type = _JSON if json_length is None else _BINARY
-        return Response(payload, headers=headers, media_type=media_type)
 
     # -- Triton's model repository extension ----------------------------------------
 

@@ -1,0 +1,210 @@
+"""The inference hot path as a pure ASGI app: no router, Request or Response objects.
+
+`InferRouter` sits in front of the Starlette application. `POST .../infer` is
+recognised by splitting the path once and answered here; every other request
+goes on to Starlette. Per request this does one body read, one decode, one run
+(inline or on the thread pool, see `InferenceExecutor.run`), one encode and two
+ASGI sends, and records Triton's statistics.
+"""
+
+import logging
+import time
+import zlib
+from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+
+from tidegate import codec
+from tidegate.errors import BadRequest, MethodNotAllowed, Overloaded, TidegateError, TooLarge
+from tidegate.executor import InferenceExecutor
+from tidegate.registry import Deployment, Registry
+from tidegate.stats import Timings
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("tidegate.infer")
+
+JSON_TYPE = (b"content-type", b"application/json")
+_BINARY_TYPE = (b"content-type", b"application/octet-stream")
+# gzip and zlib framing are both accepted for "deflate", as browsers and curl do.
+_DECOMPRESSORS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": 32 + zlib.MAX_WBITS}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived: nobody to answer."""
+
+
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    wbits = _DECOMPRESSORS.get(encoding)
+    if wbits is None:
+        raise BadRequest(f"Content-Encoding {encoding!r} is not supported (use gzip or deflate)")
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        data = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"body is not valid {encoding} data: {exc}") from exc
+    if len(data) > limit:
+        raise TooLarge(f"decompressed body is over the limit of {limit} bytes")
+    if not decompressor.eof:
+        raise BadRequest(f"body is truncated {encoding} data")
+    return data
+
+
+async def receive_body(
+    receive: Receive, content_length: str | None, content_encoding: str | None, limit: int
+) -> bytes:
+    """The request body, decompressed, refused with 413 as soon as it exceeds `limit`."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise TooLarge(f"request body of {content_length} bytes is over the limit of {limit} bytes")
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if content_encoding is not None:
+        encoding = content_encoding.strip().lower()
+        if encoding != "identity":
+            body = _decompress(body, encoding, limit)
+    return body
+
+
+def error_parts(exc: TidegateError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of the V2 error response for `exc`."""
+    headers = [JSON_TYPE]
+    if isinstance(exc, Overloaded):
+        headers.append((b"retry-after", str(exc.retry_after).encode()))
+    return exc.status, headers, orjson.dumps({"error": exc.message})
+
+
+async def _respond(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _infer_target(path: str) -> tuple[str, str | None] | None:
+    """(model, version) for `/v2/models/{m}[/versions/{v}]/infer`, else None."""
+    parts = path.split("/")
+    if parts[-1] != "infer" or parts[1:3] != ["v2", "models"]:
+        return None
+    if len(parts) == 5 and parts[3]:
+        return parts[3], None
+    if len(parts) == 7 and parts[3] and parts[4] == "versions" and parts[5]:
+        return parts[3], parts[5]
+    return None
+
+
+class InferRouter:
+    """Answers infer requests itself and passes everything else to `app`."""
+
+    def __init__(
+        self, app: ASGIApp, registry: Registry, executor: InferenceExecutor, max_body: int
+    ) -> None:
+        self.app = app
+        self.registry = registry
+        self.executor = executor
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = _infer_target(scope["path"]) if scope["type"] == "http" else None
+        if target is None:
+            await self.app(scope, receive, send)
+            return
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}")
+            status, headers, body = await self._infer(scope, receive, *target)
+        except TidegateError as exc:
+            status, headers, body = error_parts(exc)
+        except ClientGone:
+            return
+        except Exception as exc:  # a bug, not bad input: log it, answer in the V2 format
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            status, headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
+            body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
+        await _respond(send, status, headers, body)
+
+    async def _infer(
+        self, scope: Scope, receive: Receive, model: str, version: str | None
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        started = time.perf_counter_ns()
+        deployment = self.registry.resolve(model, version)
+        try:
+            return await self._run(scope, receive, deployment, started)
+        except TidegateError:
+            now = time.perf_counter_ns()
+            deployment.stats.record_failure(now - started, time.monotonic_ns())
+            raise
+
+    async def _run(
+        self, scope: Scope, receive: Receive, deployment: Deployment, started: int
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        content_length = content_encoding = header_length = None
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                content_length = value.decode("latin-1")
+            elif name == b"content-encoding":
+                content_encoding = value.decode("latin-1")
+            elif name == b"inference-header-content-length":
+                if not value.strip().isdigit():
+                    raise BadRequest(
+                        f"Inference-Header-Content-Length {value.decode('latin-1')!r} "
+                        "is not a byte count"
+                    )
+                header_length = int(value)
+        body = await receive_body(receive, content_length, content_encoding, self.max_body)
+
+        decode_start = time.perf_counter_ns()
+        model = deployment.model
+        decoded = codec.decode_request(
+            body,
+            header_length,
+            model.meta,
+            max_batch_size=deployment.max_batch_size,
+            reject_nan=deployment.config.validation.reject_nan,
+        )
+        first = next(iter(decoded.inputs.values()))
+        rows = first.shape[0] if deployment.max_batch_size and first.ndim else 1
+        decoded_at = time.perf_counter_ns()
+        timed = await self.executor.run(
+            partial(model.run, decoded.inputs, rows),
+            inline=model.predicted_ns(rows) < deployment.inline_below_ns,
+        )
+        encode_start = time.perf_counter_ns()
+        payload, json_length = codec.encode_response(
+            deployment.name, deployment.version_label, decoded, timed.value, model.meta
+        )
+        finished = time.perf_counter_ns()
+        deployment.stats.record_success(
+            rows,
+            Timings(
+                total=finished - started,
+                queue=timed.queue_ns,
+                compute_input=decoded_at - decode_start,
+                compute_infer=timed.run_ns,
+                compute_output=finished - encode_start,
+            ),
+            time.monotonic_ns(),
+        )
+        if json_length is None:
+            return 200, [JSON_TYPE, deployment.version_header], payload
+        length_header = (b"inference-header-content-length", str(json_length).encode())
+        return 200, [_BINARY_TYPE, deployment.version_header, length_header], payload
