@@ -215,3 +215,20 @@ def test_graceful_shutdown_finishes_requests_in_flight(tmp_path: Path, start_ser
     status, _, body = results[0]
     assert status == 200
     np.testing.assert_allclose(body["outputs"][0]["data"], [1.0], rtol=1e-4)
+
+
+def test_slow_inference_does_not_block_the_event_loop(tmp_path: Path, start_server):
+    live = start_server(_slow_repository(tmp_path / "repo"))
+    results: list = [None]
+    thread = threading.Thread(target=_slow_request, args=(live.base, results, 0))
+    thread.start()
+    time.sleep(0.3)  # the slow request (about a second) is now running on a pool thread
+    started = time.monotonic()
+    assert live.client.get("/v2/health/live").status_code == 200
+    assert live.client.get("/v2/models/slow").status_code == 200
+    answered_in = time.monotonic() - started
+    thread.join()
+    assert results[0][0] == 200
+    stats = live.client.get("/v2/models/slow/stats").json()["model_stats"][0]
+    infer_seconds = stats["inference_stats"]["compute_infer"]["ns"] / 1e9
+    assert answered_in < infer_seconds / 4

@@ -37,6 +37,7 @@ _OPTIMIZATION = {
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 _WARM_UP_RUNS = 9  # timed runs after the first, whose median seeds the cost model
+_WARM_UP_BUDGET_NS = 50_000_000
 _COST_WEIGHT = 0.05  # weight of the newest run in the moving averages of run cost
 _EXECUTION = {
     "sequential": ort.ExecutionMode.ORT_SEQUENTIAL,
@@ -135,10 +136,11 @@ class OnnxModel:
                 for spec in self.meta.inputs
             }
         rows = next(iter(feeds.values())).shape[0] if self.meta.batched else 1
-        durations = []
+        durations: list[int] = []
         try:
             self.run(feeds, rows)  # the first run pays for lazy initialisation
-            for _ in range(_WARM_UP_RUNS):
+            # A few timed runs for the cost model, fewer for a model that is slow anyway.
+            while len(durations) < _WARM_UP_RUNS and sum(durations) < _WARM_UP_BUDGET_NS:
                 started = time.perf_counter_ns()
                 self.run(feeds, rows)
                 durations.append(time.perf_counter_ns() - started)
