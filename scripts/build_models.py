@@ -174,30 +174,24 @@ def build_breast_cancer() -> BuiltModel:
     )
 
     logreg = LogisticRegression(max_iter=1000, random_state=SEED)
-    v1 = Pipeline([("scale", StandardScaler()), ("clf", logreg)]).fit(x_train, y_train)
-    m1 = _convert(
-        v1,
-        "breast_cancer_v1",
-        types,
-        "Breast cancer, 0=malignant 1=benign: StandardScaler + LogisticRegression.",
-        _no_zipmap(logreg),
-        CLASSIFIER_OUTPUTS,
-    )
-    _check_classifier(m1, v1, ref, "breast_cancer v1")
-    built.versions.append(BuiltVersion(1, m1, {"input": ref}))
-
-    v2 = GradientBoostingClassifier(n_estimators=50, max_depth=3, random_state=SEED)
-    v2.fit(x_train, y_train)
-    m2 = _convert(
-        v2,
-        "breast_cancer_v2",
-        types,
-        "Breast cancer, 0=malignant 1=benign: GradientBoostingClassifier(50 trees, depth 3).",
-        _no_zipmap(v2),
-        CLASSIFIER_OUTPUTS,
-    )
-    _check_classifier(m2, v2, ref, "breast_cancer v2")
-    built.versions.append(BuiltVersion(2, m2, {"input": ref}))
+    gbt = GradientBoostingClassifier(n_estimators=50, max_depth=3, random_state=SEED)
+    versions = [
+        (1, Pipeline([("scale", StandardScaler()), ("clf", logreg)]), logreg,
+         "StandardScaler + LogisticRegression."),
+        (2, gbt, gbt, "GradientBoostingClassifier(50 trees, depth 3)."),
+    ]  # fmt: skip
+    for number, estimator, classifier, description in versions:
+        estimator.fit(x_train, y_train)
+        model = _convert(
+            estimator,
+            f"breast_cancer_v{number}",
+            types,
+            f"Breast cancer, 0=malignant 1=benign: {description}",
+            _no_zipmap(classifier),
+            CLASSIFIER_OUTPUTS,
+        )
+        _check_classifier(model, estimator, ref, f"breast_cancer v{number}")
+        built.versions.append(BuiltVersion(number, model, {"input": ref}))
     return built
 
 

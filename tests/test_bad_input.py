@@ -28,6 +28,12 @@ def _binary(header: dict[str, object], blob: bytes) -> tuple[bytes, dict[str, st
     return json_part + blob, {"Inference-Header-Content-Length": str(len(json_part))}
 
 
+def _binary_text(blob: bytes) -> tuple[bytes, dict[str, str]]:
+    """One BYTES element for dataset_topic's `text` input, as raw binary data."""
+    text = {"name": "text", "datatype": "BYTES", "shape": [1, 1]}
+    return _binary({"inputs": [{**text, "parameters": {"binary_data_size": len(blob)}}]}, blob)
+
+
 FP32_ROW = np.full(30, 0.5, dtype=np.float32).tobytes()
 BINARY_INPUT = {"name": "input", "datatype": "FP32", "shape": [1, 30]}
 
@@ -167,38 +173,14 @@ CASES = [
     (
         "bytes-binary-truncated",
         "dataset_topic",
-        *_binary(
-            {
-                "inputs": [
-                    {
-                        "name": "text",
-                        "datatype": "BYTES",
-                        "shape": [1, 1],
-                        "parameters": {"binary_data_size": 6},
-                    }
-                ]
-            },
-            struct.pack("<I", 10) + b"ab",
-        ),
+        *_binary_text(struct.pack("<I", 10) + b"ab"),
         400,
         "element 0 overruns",
     ),
     (
         "bytes-not-utf8",
         "dataset_topic",
-        *_binary(
-            {
-                "inputs": [
-                    {
-                        "name": "text",
-                        "datatype": "BYTES",
-                        "shape": [1, 1],
-                        "parameters": {"binary_data_size": 6},
-                    }
-                ]
-            },
-            struct.pack("<I", 2) + b"\xff\xfe",
-        ),
+        *_binary_text(struct.pack("<I", 2) + b"\xff\xfe"),
         400,
         "not UTF-8",
     ),
