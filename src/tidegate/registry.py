@@ -106,9 +106,9 @@ class Registry:
         for name in sorted(self._models):
             yield from self.versions(name)
 
-    def index(self) -> list[dict[str, str]]:
+    async def index(self) -> list[dict[str, str]]:
         """Every model of the repository and every loaded one, with its state."""
-        result = scan(self.root)
+        result = await asyncio.to_thread(scan, self.root)
         names = sorted(set(result.models) | set(self._models) | set(result.problems))
         rows = []
         for name in names:

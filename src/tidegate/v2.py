@@ -139,7 +139,7 @@ class DataPlane:
 
     async def repository_index(self, request: Request) -> Response:
         options = await read_json_object(request, self.max_body)
-        rows = self.registry.index()
+        rows = await self.registry.index()
         if options.get("ready") is True:
             rows = [row for row in rows if row["state"] == "READY"]
         return json_response(rows)
