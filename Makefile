@@ -22,7 +22,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[test,bench]'
+	$(BIN)/pip install -e '.[bench]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -48,6 +48,7 @@ models: install-test
 	$(BIN)/python scripts/build_models.py models
 
 bench: install-bench
+	$(BIN)/python benchmarks/bench_hotpath.py
 	$(BIN)/python benchmarks/bench_http.py
 
 clean:

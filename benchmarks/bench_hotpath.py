@@ -1,0 +1,94 @@
+"""Where one inference request's time goes inside tidegate, without the network.
+
+Calls the ASGI application in-process (as uvicorn would, with the body already
+read) for one row of each shipped model, and times its parts: the codec's decode
+and encode, the model run, and the whole application. The ratio column compares
+each with onnxruntime's own `session.run` on the same row, measured in the same
+run. Complements bench_http.py, whose figures add the HTTP stack and the client.
+
+    python benchmarks/bench_hotpath.py [--requests 3000]
+"""
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bench_http import first_row, infer_request, raw_session, shipped_versions
+from tidegate import codec
+from tidegate.app import create_app
+from tidegate.config import ServerConfig
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def per_call_us(fn: Callable[[], object], count: int) -> float:
+    for _ in range(count // 10):
+        fn()
+    started = time.perf_counter()
+    for _ in range(count):
+        fn()
+    return (time.perf_counter() - started) / count * 1e6
+
+
+async def per_await_us(fn: Callable[[], Awaitable[object]], count: int) -> float:
+    for _ in range(count // 10):
+        await fn()
+    started = time.perf_counter()
+    for _ in range(count):
+        await fn()
+    return (time.perf_counter() - started) / count * 1e6
+
+
+async def main(count: int) -> None:
+    app = create_app(ServerConfig(MODELS))
+    await app.registry.load_all()
+    print("| model | raw onnxruntime us | decode us | run us | encode us | whole app us | vs raw |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for model, version in shipped_versions(None):
+        feeds = first_row(model, version)
+        session = raw_session(model, version)
+        names = [o.name for o in session.get_outputs()]
+        raw = per_call_us(lambda: session.run(names, feeds), count)  # noqa: B023
+
+        request = infer_request(model, version, feeds, binary=False)
+        head, body = request.split(b"\r\n\r\n", 1)
+        path = head.split(b" ")[1].decode()
+        deployment = app.registry.resolve(model, str(version))
+        meta = deployment.model.meta
+        decoded = codec.decode_request(body, None, meta, max_batch_size=256)
+        outputs = deployment.model.run(decoded.inputs)
+        decode = per_call_us(lambda: codec.decode_request(body, None, meta), count)  # noqa: B023
+        run = per_call_us(lambda: deployment.model.run(decoded.inputs), count)  # noqa: B023
+        encode = per_call_us(
+            lambda: codec.encode_response(model, "1", decoded, outputs, meta),  # noqa: B023
+            count,
+        )
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "headers": [(b"content-length", str(len(body)).encode())],
+        }
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}  # noqa: B023
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                assert message["status"] == 200, message
+
+        whole = await per_await_us(lambda: app(scope, receive, send), count)  # noqa: B023
+        print(
+            f"| {model} v{version} | {raw:.1f} | {decode:.1f} | {run:.1f} | {encode:.1f} | "
+            f"{whole:.1f} | {whole / raw:.1f}x |"
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=3000, help="timed calls per cell")
+    asyncio.run(main(parser.parse_args().requests))
