@@ -47,17 +47,15 @@ class Deployment:
     version_label: str = field(init=False)
     version_header: tuple[bytes, bytes] = field(init=False)
     inline_below_ns: int = field(init=False)
+    max_batch_size: int = field(init=False)
 
     def __post_init__(self) -> None:
         # Computed once: the hot path reads these on every request.
         self.version_label = str(self.version)
         self.version_header = (b"tidegate-model-version", self.version_label.encode())
         self.inline_below_ns = self.config.runtime.inline_below_us * 1000
-
-    @property
-    def max_batch_size(self) -> int:
-        """Triton's max_batch_size: 0 when the model has no batch axis."""
-        return self.config.batching.max_batch_size if self.model.meta.batched else 0
+        # Triton's max_batch_size: 0 when the model has no batch axis.
+        self.max_batch_size = self.config.batching.max_batch_size if self.model.meta.batched else 0
 
 
 def _build(source: ModelSource, version: VersionSource) -> Deployment:
