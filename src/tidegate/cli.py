@@ -42,6 +42,13 @@ def main() -> None:
     type=click.IntRange(1),
     help="Inferences that may wait for a thread before new ones get 503.",
 )
+@click.option(
+    "--poll-interval",
+    type=click.FloatRange(min=0.05),
+    default=None,
+    help="Also scan the repository every S seconds and (re)load versions whose files "
+    "changed, once they are complete. Default: only the repository API changes models.",
+)
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 @click.option(
     "--log-level",
@@ -56,6 +63,7 @@ def serve(
     max_body_size: int,
     threads: int | None,
     max_pending: int,
+    poll_interval: float | None,
     access_log: bool,
     log_level: str,
 ) -> None:
@@ -69,6 +77,7 @@ def serve(
         port=port,
         max_body_bytes=max_body_size,
         max_pending=max_pending,
+        poll_interval=poll_interval,
         log_level=log_level,
         **({} if threads is None else {"executor_threads": threads}),
     )

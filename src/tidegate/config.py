@@ -24,10 +24,11 @@ EXECUTION_MODES = ("sequential", "parallel")
 
 @dataclass(slots=True, frozen=True)
 class VersionPolicy:
-    """Which versions of a model serve: the highest, all of them, or a fixed list."""
+    """Which versions of a model serve: the highest N, all of them, or a fixed list."""
 
     kind: str = "latest"  # "latest" | "all" | "specific"
-    versions: tuple[int, ...] = ()
+    versions: tuple[int, ...] = ()  # for "specific"
+    num_versions: int = 1  # for "latest"
 
     def select(self, available: list[int]) -> list[int]:
         """The versions to load, ascending, out of those present in the repository."""
@@ -36,7 +37,7 @@ class VersionPolicy:
             return ordered
         if self.kind == "specific":
             return [v for v in ordered if v in self.versions]
-        return ordered[-1:]
+        return ordered[-self.num_versions :]
 
 
 @dataclass(slots=True, frozen=True)
@@ -88,6 +89,9 @@ class ServerConfig:
     executor_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
     # Inferences that may wait for a thread before new ones get 503.
     max_pending: int = 1024
+    # Seconds between scans of the repository for new, changed or removed versions;
+    # None: models change only through the repository API.
+    poll_interval: float | None = None
     log_level: str = "info"
 
 
@@ -130,13 +134,16 @@ class _Section:
 
 def _version_policy(section: _Section) -> VersionPolicy:
     policy = section.get("policy", (str, list), "latest")
+    num_versions = section.count("num_versions", 1, 1)
+    if "num_versions" in section.table and policy != "latest":
+        raise ConfigError(f"{section.path}: versions.num_versions needs policy = 'latest'")
     if isinstance(policy, list):
         if not policy or not all(isinstance(v, int) and v > 0 for v in policy):
             raise ConfigError(f"{section.path}: versions.policy must list positive version numbers")
         return VersionPolicy("specific", tuple(sorted(policy)))
     if policy not in ("latest", "all"):
         raise ConfigError(f"{section.path}: versions.policy must be 'latest', 'all' or a list")
-    return VersionPolicy(policy)
+    return VersionPolicy(policy, num_versions=num_versions)
 
 
 def _providers(section: _Section) -> tuple[str, ...]:

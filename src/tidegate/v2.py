@@ -72,7 +72,7 @@ def _triton_config(deployment: Deployment, threads: int) -> dict[str, object]:
         ]
 
     policies: dict[str, object] = {
-        "latest": {"latest": {"num_versions": 1}},
+        "latest": {"latest": {"num_versions": policy.num_versions}},
         "all": {"all": {}},
         "specific": {"specific": {"versions": list(policy.versions)}},
     }
