@@ -16,13 +16,16 @@ was and reports the error.
 
 import asyncio
 import logging
+import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tidegate.config import ModelConfig
-from tidegate.errors import BadRequest, NotFound, TidegateError
+from tidegate.errors import BadRequest, ModelLoadError, NotFound, TidegateError
 from tidegate.repository import (
+    Fingerprint,
     ModelSource,
     VersionSource,
     load_reference,
@@ -43,6 +46,8 @@ class Deployment:
     version: int
     model: OnnxModel
     config: ModelConfig
+    fingerprint: Fingerprint  # of the version's files when they were read
+    memory_bytes: int | None  # growth of the process's RSS while loading it
     stats: VersionStats = field(default_factory=VersionStats)
     version_label: str = field(init=False)
     version_header: tuple[bytes, bytes] = field(init=False)
@@ -58,12 +63,57 @@ class Deployment:
         self.max_batch_size = self.config.batching.max_batch_size if self.model.meta.batched else 0
 
 
+# Builds run one at a time, so that the RSS growth during one is its own.
+_BUILD_LOCK = threading.Lock()
+
+
+def _rss_bytes() -> int | None:
+    """The process's resident memory, where the OS tells it (Linux /proc)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return None
+
+
 def _build(source: ModelSource, version: VersionSource) -> Deployment:
     """Loads and warms one version (blocking: runs on a loader thread)."""
-    model = OnnxModel(version.model_path, source.config.runtime)
-    sample = load_reference(version.reference_path) if version.reference_path else None
-    model.warm_up(sample)
-    return Deployment(source.name, version.version, model, source.config)
+    with _BUILD_LOCK:
+        before = _rss_bytes()
+        model = OnnxModel(version.model_path, source.config.runtime)
+        sample = load_reference(version.reference_path) if version.reference_path else None
+        model.warm_up(sample)
+        after = _rss_bytes()
+    memory = None if before is None or after is None else max(after - before, 0)
+    return Deployment(
+        source.name, version.version, model, source.config, version.fingerprint, memory
+    )
+
+
+def _check_inputs(name: str, built: list[Deployment], serving: Deployment | None) -> None:
+    """Refuses a version whose inputs differ from the serving one's: clients that work
+    now would start failing. Changing a model's inputs takes an unload first."""
+    if serving is None:
+        return
+    want = {spec.name: spec.datatype.name for spec in serving.model.meta.inputs}
+    for deployment in built:
+        got = {spec.name: spec.datatype.name for spec in deployment.model.meta.inputs}
+        if got != want:
+            missing = sorted(set(want) - set(got))
+            what = f"lacks input '{missing[0]}'" if missing else f"takes inputs {got}"
+            raise ModelLoadError(
+                f"{deployment.model.path}: version {deployment.version} of model '{name}' "
+                f"{what}, unlike version {serving.version} serving now ({want}); "
+                "unload the model first to change its inputs"
+            )
+
+
+def _unchanged(deployment: Deployment | None, source: ModelSource, version: VersionSource) -> bool:
+    return (
+        deployment is not None
+        and deployment.fingerprint == version.fingerprint
+        and deployment.config == source.config
+    )
 
 
 def _parse_version(name: str, version: str) -> int:
@@ -104,19 +154,20 @@ class Registry:
         for name in sorted(self._models):
             yield from self.versions(name)
 
-    async def index(self) -> list[dict[str, str]]:
+    async def index(self) -> list[dict[str, object]]:
         """Every model of the repository and every loaded one, with its state."""
         result = await asyncio.to_thread(scan, self.root)
         names = sorted(set(result.models) | set(self._models) | set(result.problems))
-        rows = []
+        rows: list[dict[str, object]] = []
         for name in names:
             loaded = self._models.get(name, {})
             source = result.models.get(name)
             on_disk = set(source.versions) if source else set()
             for version in sorted(on_disk | set(loaded)):
-                row = {"name": name, "version": str(version)}
+                row: dict[str, object] = {"name": name, "version": str(version)}
                 if version in loaded:
                     row |= {"state": "READY", "reason": ""}
+                    row["memory_bytes"] = loaded[version].memory_bytes
                 else:
                     row |= {"state": "UNAVAILABLE", "reason": self._problems.get(name, "unloaded")}
                 rows.append(row)
@@ -139,11 +190,15 @@ class Registry:
             except TidegateError as exc:
                 log.error("model %s not loaded: %s", name, exc.message)
 
-    async def load(self, name: str, version: str | None = None) -> list[Deployment]:
+    async def load(
+        self, name: str, version: str | None = None, *, reuse_unchanged: bool = False
+    ) -> list[Deployment]:
         """(Re)loads a model from the repository and returns when the new versions serve.
 
         Without `version`, the versions the model's policy selects replace those
         serving. With `version`, that one version is (re)loaded beside the others.
+        With `reuse_unchanged`, a serving version whose files and config are as they
+        were is kept rather than built again (the poller's reload).
 
         Raises:
             NotFound: the model or version is not in the repository.
@@ -159,11 +214,19 @@ class Registry:
                     if number not in source.versions:
                         raise NotFound(f"model '{name}' has no version {number} in the repository")
                     wanted = [source.versions[number]]
-                built = await asyncio.to_thread(lambda: [_build(source, v) for v in wanted])
+                serving = self._models.get(name, {})
+                kept = {
+                    v.version: serving[v.version]
+                    for v in wanted
+                    if reuse_unchanged and _unchanged(serving.get(v.version), source, v)
+                }
+                to_build = [v for v in wanted if v.version not in kept]
+                built = await asyncio.to_thread(lambda: [_build(source, v) for v in to_build])
+                _check_inputs(name, built, serving[max(serving)] if serving else None)
             except BadRequest as exc:
                 self._problems[name] = exc.message
                 raise
-            snapshot = {} if version is None else dict(self._models.get(name, {}))
+            snapshot = dict(kept) if version is None else dict(self._models.get(name, {}))
             snapshot.update({d.version: d for d in built})
             self._models[name] = snapshot
             self._problems.pop(name, None)

@@ -26,11 +26,30 @@ REFERENCE_FILE = "reference.npz"
 CONFIG_FILE = "config.toml"
 
 
+# (file name, size, modification time in ns) of each file: a cheap stand-in for the
+# content, compared between scans to see that files changed or stopped changing.
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(directory: Path) -> Fingerprint:
+    """The fingerprint of the files directly in `directory` (empty if it is gone)."""
+    entries = []
+    try:
+        for entry in directory.iterdir():
+            stat = entry.stat()
+            if entry.is_file():
+                entries.append((entry.name, stat.st_size, stat.st_mtime_ns))
+    except FileNotFoundError:  # removed while being read: the next scan sees the rest
+        return ()
+    return tuple(sorted(entries))
+
+
 @dataclass(slots=True, frozen=True)
 class VersionSource:
     version: int
     model_path: Path
     reference_path: Path | None
+    fingerprint: Fingerprint
 
 
 @dataclass(slots=True, frozen=True)
@@ -77,7 +96,7 @@ def scan_model(root: Path, name: str) -> ModelSource:
             continue
         reference = entry / REFERENCE_FILE
         versions[number] = VersionSource(
-            number, model_path, reference if reference.is_file() else None
+            number, model_path, reference if reference.is_file() else None, fingerprint(entry)
         )
     if not versions:
         raise NotFound(f"model '{name}' has no version directory with a {MODEL_FILE}")
@@ -99,6 +118,26 @@ def scan(root: Path) -> ScanResult:
             result.models[entry.name] = scan_model(root, entry.name)
         except TidegateError as exc:
             result.problems[entry.name] = exc.message
+    return result
+
+
+# A model directory's own files (config.toml), then each version directory's.
+ModelFingerprint = tuple[Fingerprint, tuple[tuple[int, Fingerprint], ...]]
+
+
+def fingerprints(root: Path) -> dict[str, ModelFingerprint]:
+    """Every model directory's fingerprint: what the repository poller compares
+    between two scans. Reads directory entries only; parses nothing."""
+    result = {}
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue
+        try:
+            numbers = sorted(n for c in entry.iterdir() if (n := _version_number(c.name)))
+        except FileNotFoundError:  # removed while being read
+            continue
+        versions = tuple((n, fingerprint(entry / str(n))) for n in numbers)
+        result[entry.name] = (fingerprint(entry), versions)
     return result
 
 

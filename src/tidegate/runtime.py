@@ -118,15 +118,18 @@ class OnnxModel:
     def warm_up(self, sample: dict[str, np.ndarray] | None) -> None:
         """Runs one inference so the first request pays no lazy initialisation.
 
-        Uses the first row of `sample` (the version's reference data) when it has
-        every input, else zeros (empty strings) of the declared shape with each
-        dynamic dimension set to 1.
+        Uses the first row of `sample` (the version's reference data), which must
+        have an array for every input; without a sample, zeros (empty strings) of
+        the declared shape with each dynamic dimension set to 1.
         """
-        names = [spec.name for spec in self.meta.inputs]
-        if sample is not None and all(name in sample for name in names):
-            feeds = {name: np.asarray(sample[name][:1]) for name in names}
+        if sample is not None:
+            missing = [spec.name for spec in self.meta.inputs if spec.name not in sample]
+            if missing:
+                raise ModelLoadError(
+                    f"{self.path}: the reference data has no array for input '{missing[0]}'"
+                )
             feeds = {
-                spec.name: feeds[spec.name].astype(spec.datatype.numpy, copy=False)
+                spec.name: np.asarray(sample[spec.name][:1]).astype(spec.datatype.numpy)
                 for spec in self.meta.inputs
             }
         else:
