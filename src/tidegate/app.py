@@ -1,5 +1,6 @@
 """Builds the ASGI application: the route table, the error handler and the lifespan."""
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ from tidegate.config import ServerConfig
 from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import InferRouter, error_parts
+from tidegate.poller import RepositoryPoller
 from tidegate.registry import Registry
 from tidegate.v2 import DataPlane, json_response
 
@@ -75,10 +77,22 @@ def create_app(config: ServerConfig) -> InferRouter:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        poller = (
+            None
+            if config.poll_interval is None
+            else RepositoryPoller(registry, config.poll_interval)
+        )
+        if poller is not None:
+            await poller.prime()
         await registry.load_all()
+        polling = None if poller is None else asyncio.create_task(poller.run())
         try:
             yield
         finally:
+            if polling is not None:
+                polling.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await polling
             # The server has stopped taking requests and drained those in flight.
             executor.shutdown()
 

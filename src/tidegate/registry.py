@@ -150,6 +150,9 @@ class Registry:
             raise NotFound(f"model '{name}' is not loaded")
         return [versions[v] for v in sorted(versions)]
 
+    def is_loaded(self, name: str) -> bool:
+        return bool(self._models.get(name))
+
     def deployments(self) -> Iterator[Deployment]:
         for name in sorted(self._models):
             yield from self.versions(name)
