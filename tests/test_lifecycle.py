@@ -1,0 +1,125 @@
+"""Failed loads leave the serving version alone; load/unload cycles give memory back."""
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests import onnx_models
+from tests.conftest import MODELS, LiveServer
+
+DIGITS_MODEL = MODELS / "digits" / "1" / "model.onnx"
+ZEROS = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}
+
+
+def _reshape_to_sevens() -> onnx.ModelProto:
+    """Takes `input` like digits, but fails at run time: 64 values do not split into 7s."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 7])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["output"])],
+        "sevens",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 7])],
+        [shape],
+    )
+    return helper.make_model(graph, opset_imports=onnx_models.OPSET, ir_version=8)
+
+
+def _too_new() -> onnx.ModelProto:
+    model = onnx_models.identity("FP32", ["batch", 64])
+    model.opset_import[0].version = 99  # no onnxruntime implements this opset
+    return model
+
+
+def _write(directory: Path, model: onnx.ModelProto | bytes) -> None:
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    (directory / "model.onnx").write_bytes(data)
+
+
+# (id, fills version directory 2, words the error must contain)
+FAILURES: list[tuple[str, Callable[[Path], None], str]] = [
+    ("corrupt", lambda d: _write(d, b"\x08\x07 not a model"), "cannot load the model"),
+    ("truncated", lambda d: _write(d, DIGITS_MODEL.read_bytes()[:4000]), "cannot load the model"),
+    ("incompatible-opset", lambda d: _write(d, _too_new()), "cannot load the model"),
+    (
+        "missing-input",
+        lambda d: _write(d, onnx_models.identity("FP32", ["batch", 64])),
+        "lacks input 'input', unlike version 1 serving now",
+    ),
+    ("warm-up-fails", lambda d: _write(d, _reshape_to_sevens()), "warm-up inference failed"),
+    (
+        "reference-lacks-input",
+        lambda d: (
+            _write(d, DIGITS_MODEL.read_bytes()),
+            np.savez(d / "reference.npz", pixels=np.zeros((2, 64), dtype=np.float32)),
+        ),
+        "reference data has no array for input 'input'",
+    ),
+    (
+        "reference-corrupt",
+        lambda d: (
+            _write(d, DIGITS_MODEL.read_bytes()),
+            (d / "reference.npz").write_bytes(b"PK\x03\x04 cut"),
+        ),
+        "cannot read the reference data",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    root = tmp_path_factory.mktemp("lifecycle")
+    shutil.copytree(MODELS, root / "models")
+    server = LiveServer(root / "models", log_path=root / "server.log")
+    yield server
+    server.stop()
+
+
+def live_repository(live: LiveServer) -> Path:
+    return live.log_path.parent / "models"
+
+
+@pytest.mark.parametrize("per_version", [True, False], ids=["version-load", "model-load"])
+@pytest.mark.parametrize(("fill", "words"), [pytest.param(*f[1:], id=f[0]) for f in FAILURES])
+def test_failed_load_keeps_the_serving_version(live: LiveServer, fill, words, per_version):
+    version_dir = live_repository(live) / "digits" / "2"
+    version_dir.mkdir()
+    try:
+        fill(version_dir)
+        body = {"parameters": {"version": "2"}} if per_version else {}
+        response = live.client.post("/v2/repository/models/digits/load", json=body)
+        assert response.status_code == 400
+        assert words in response.json()["error"]
+        assert live.client.get("/v2/models/digits/ready").status_code == 200
+        assert live.client.get("/v2/models/digits").json()["versions"] == ["1"]
+        served = live.client.post("/v2/models/digits/infer", json=ZEROS)
+        assert served.status_code == 200
+        assert served.headers["tidegate-model-version"] == "1"
+        assert live.client.get("/v2/health/ready").status_code == 200
+    finally:
+        shutil.rmtree(version_dir)
+
+
+def _rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_load_unload_cycles_give_memory_back(models_dir: Path, start_server):
+    live: LiveServer = start_server(models_dir)
+    rss = {}
+    for cycle in range(1, 31):
+        assert live.client.post("/v2/repository/models/digits/unload").status_code == 200
+        assert live.client.post("/v2/repository/models/digits/load").status_code == 200
+        assert live.client.post("/v2/models/digits/infer", json=ZEROS).status_code == 200
+        rss[cycle] = _rss_bytes(live.process.pid)
+    assert rss[30] <= rss[10] * 1.10, rss
+    index = live.client.post("/v2/repository/index").json()
+    (digits,) = [row for row in index if row["name"] == "digits"]
+    assert isinstance(digits["memory_bytes"], int)
