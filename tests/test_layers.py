@@ -14,8 +14,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tidegate"
 LAYERS = {
     0: {"__init__", "errors", "config", "protocol", "stats"},
     1: {"codec", "runtime", "repository", "executor"},
-    2: {"registry"},
-    3: {"infer", "v2", "app"},
+    2: {"registry", "poller"},
+    3: {"infer", "v2", "app", "client"},
     4: {"server", "cli", "__main__"},
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
@@ -24,6 +24,7 @@ OWNERS = {
     "starlette": {"v2", "app"},
     "uvicorn": {"server"},
     "click": {"cli"},
+    "rich": {"cli"},
     "orjson": {"codec", "infer", "v2"},
 }
 
@@ -68,6 +69,29 @@ def test_cli_help_does_not_import_the_runtime():
         "assert result.exit_code == 0 and '--max-body-size' in result.output; "
         "heavy = {'onnxruntime', 'numpy', 'starlette', 'uvicorn'} & set(sys.modules); "
         "print(sorted(heavy))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_client_imports_nothing_from_the_server_side():
+    # The control client runs where no server is installed and talks to any V2 server,
+    # so it stays on the standard library: stricter than its layer alone would be.
+    imports = _imports(PACKAGE / "client.py")
+    ours = {name for name in imports if name.partition(".")[0] == "tidegate"}
+    assert ours <= {"tidegate", "tidegate.__version__", "tidegate.errors"}
+    assert {name.partition(".")[0] for name in imports - ours} <= sys.stdlib_module_names
+
+
+def test_control_command_help_does_not_import_the_client():
+    code = (
+        "import sys; from click.testing import CliRunner; from tidegate.cli import main; "
+        "result = CliRunner().invoke(main, ['status', '--help']); "
+        "assert result.exit_code == 0 and 'TIDEGATE_URL' in result.output; "
+        "loaded = {'rich', 'tidegate.client', 'onnxruntime', 'numpy', 'starlette'} "
+        "& set(sys.modules); "
+        "print(sorted(loaded))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

@@ -1,11 +1,39 @@
-"""The `tidegate` command line. The only click importer; server modules load lazily
-so that `tidegate --help` stays fast."""
+"""The `tidegate` command line. The only click and rich importer; the server, the
+control client and rich load lazily, inside the commands, so that `tidegate --help`
+stays fast."""
 
+import contextlib
+import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import click
 
 from tidegate import __version__
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tidegate.client import ControlClient, IndexRow, ServerMetadata
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class CommandError(click.ClickException):
+    """A control command failed on the server's side: `error: ...` on stderr, exit code 1."""
+
+    exit_code = 1
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        # Lower-case "error:" as the server words it, not click's "Error:".
+        click.echo(f"error: {self.format_message()}", file=file, err=True)
+
+
+class ServerUnreachable(CommandError):
+    """No answer from the server; exit code 3, so scripts can tell "down" from "said no"."""
+
+    exit_code = 3
 
 
 @click.group()
@@ -82,3 +110,172 @@ def serve(
         **({} if threads is None else {"executor_threads": threads}),
     )
     run_server(config, access_log=access_log)
+
+
+# -- control commands: they talk to a running server over HTTP -------------------------
+
+url_option = click.option(
+    "--url",
+    default=DEFAULT_URL,
+    show_default=True,
+    envvar="TIDEGATE_URL",
+    metavar="URL",
+    show_envvar=True,
+    help="The tidegate server; 'host:port' means http://host:port.",
+)
+json_option = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document instead of text."
+)
+
+
+@contextlib.contextmanager
+def _control(url: str) -> Iterator["ControlClient"]:
+    """A client for `url`, with its errors turned into click's, in one place."""
+    from tidegate.client import ControlClient, ServerError, Unreachable
+
+    try:
+        client = ControlClient(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--url'") from exc
+    try:
+        yield client
+    except Unreachable as exc:
+        raise ServerUnreachable(f"cannot reach tidegate at {exc.url}: {exc.reason}") from exc
+    except ServerError as exc:
+        raise CommandError(exc.message) from exc
+
+
+def _console() -> "Console":
+    from rich.console import Console
+
+    # No highlighting: model names and numbers are data, not syntax. Rich leaves out
+    # colours and spinners by itself when stdout is not a terminal.
+    return Console(highlight=False)
+
+
+@main.command(short_help="Show the server and the state of each model version.")
+@url_option
+@json_option
+def status(url: str, as_json: bool) -> None:
+    """Show the server and every model version of its repository, with its state."""
+    with _control(url) as client:
+        server = client.server_metadata()
+        rows = client.repository_index()
+    if as_json:
+        click.echo(json.dumps({"server": server, "models": rows}, indent=2))
+    else:
+        _print_status(client.url, server, rows)
+
+
+_STATE_STYLES = {"READY": "green", "UNAVAILABLE": "red"}
+
+
+def _print_status(url: str, server: "ServerMetadata", rows: list["IndexRow"]) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    extensions = ", ".join(server.get("extensions", [])) or "none"
+    click.echo(f"{server.get('name', '?')} {server.get('version', '?')} at {url}")
+    click.echo(f"extensions: {extensions}")
+    if not rows:
+        click.echo("no models in the repository")
+        return
+    # Servers may add keys to the rows; memory is shown when any row reports it.
+    memory = [_mebibytes(row) for row in rows]
+    table = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
+    table.add_column("model")
+    table.add_column("version", justify="right")
+    table.add_column("state")
+    if any(memory):
+        table.add_column("memory", justify="right")
+    table.add_column("reason", overflow="fold")  # paths in load errors stay whole
+    for row, mib in zip(rows, memory, strict=True):
+        state = str(row.get("state", ""))
+        # Text, not str: a reason or name with [brackets] is not rich markup.
+        cells = [
+            Text(str(row.get("name", ""))),
+            Text(str(row.get("version", ""))),
+            Text(state, style=_STATE_STYLES.get(state, "")),
+            *([Text(mib)] if any(memory) else []),
+            Text(str(row.get("reason", ""))),
+        ]
+        table.add_row(*cells)
+    _console().print(table)
+
+
+def _mebibytes(row: Mapping[str, object]) -> str:
+    size = row.get("memory_bytes")
+    if isinstance(size, bool) or not isinstance(size, int | float):
+        return ""
+    return f"{size / 2**20:.1f} MiB"
+
+
+@main.command(short_help="Load a model and wait until it serves.")
+@click.argument("model")
+@click.option(
+    "--version",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Load only this version, beside those serving. "
+    "Default: the versions the model's policy selects, replacing those serving.",
+)
+@url_option
+@json_option
+def load(model: str, version: int | None, url: str, as_json: bool) -> None:
+    """(Re)load MODEL from the server's repository; returns once it serves."""
+    _change("load", model, version, url, as_json)
+
+
+@main.command(short_help="Stop serving a model.")
+@click.argument("model")
+@click.option(
+    "--version",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="Unload only this version. Default: every version of the model.",
+)
+@url_option
+@json_option
+def unload(model: str, version: int | None, url: str, as_json: bool) -> None:
+    """Stop serving MODEL; requests in flight finish first."""
+    _change("unload", model, version, url, as_json)
+
+
+def _change(
+    action: Literal["load", "unload"], model: str, version: int | None, url: str, as_json: bool
+) -> None:
+    which = model if version is None else f"{model} (version {version})"
+    with _control(url) as client:
+        call = client.load if action == "load" else client.unload
+        if as_json:
+            call(model, version)
+        else:
+            # A load returns only once the model is warm, which can take a while.
+            with _console().status(f"{action}ing {which}…"):
+                call(model, version)
+        versions = _serving_versions(client, model)
+    if as_json:
+        document = {
+            "action": action,
+            "model": model,
+            "version": None if version is None else str(version),
+            "versions": versions,
+        }
+        click.echo(json.dumps(document, indent=2))
+    else:
+        click.echo(f"{action}ed {which}")
+        click.echo(f"serving versions: {', '.join(versions) or 'none'}")
+
+
+def _serving_versions(client: "ControlClient", model: str) -> list[str]:
+    from tidegate.client import ServerError
+
+    try:
+        return client.model_metadata(model).get("versions", [])
+    except ServerError as exc:
+        if exc.status == 404:  # no version serves (after an unload, say)
+            return []
+        raise

@@ -1,0 +1,229 @@
+"""A small synchronous client for the V2 control plane: server metadata, the
+repository index, and loading and unloading models.
+
+It is what `tidegate status`, `tidegate load` and `tidegate unload` talk through,
+so it is built on the standard library alone (`http.client`, `json`) and imports
+nothing from the server side: it starts fast, and it works against any server
+that implements Triton's model repository extension, not only tidegate.
+
+Errors, drawn as httpx draws its own:
+
+    ClientError
+    ├── ServerError    the server answered, with an error status or a body that is not V2
+    └── Unreachable    no answer: refused, unresolvable, reset or timed out
+
+Lower-level errors (`OSError`, `http.client.HTTPException`, `json`) are
+translated once, in `ControlClient._request`; callers catch these two.
+"""
+
+import http.client
+import json
+from typing import Any, NotRequired, TypedDict, cast
+from urllib.parse import quote, urlsplit
+
+from tidegate import __version__
+
+__all__ = [
+    "ClientError",
+    "ControlClient",
+    "IndexRow",
+    "ModelMetadata",
+    "ServerError",
+    "ServerMetadata",
+    "Unreachable",
+]
+
+
+class ClientError(Exception):
+    """Base of the errors a `ControlClient` raises."""
+
+
+class ServerError(ClientError):
+    """The server answered with an error (`status` >= 400) or with a body that is not V2.
+
+    `message` is the server's own `{"error": ...}` text when it sent one, so it names
+    the model or field the server complained about.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class Unreachable(ClientError):
+    """No answer from `url`: the connection failed, broke, or timed out; `reason` says which."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class ServerMetadata(TypedDict):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class IndexRow(TypedDict):
+    """One row of `POST /v2/repository/index`. "version" is missing for a model whose
+    directory is broken; servers may add keys (e.g. "memory_bytes"), kept as they come."""
+
+    name: str
+    version: NotRequired[str]
+    state: str
+    reason: str
+
+
+class ModelMetadata(TypedDict):
+    name: str
+    versions: NotRequired[list[str]]
+    platform: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+
+class ControlClient:
+    """Calls one V2 server's control endpoints, one short-lived connection per call.
+
+    A CLI command makes two or three calls, so a connection per call costs nothing
+    that matters and leaves no keep-alive connection to go stale between them.
+
+    Args:
+        url: the server, as `http://host:port[/prefix]`, `https://...`, or just
+            `host:port` (taken as http).
+        timeout: seconds to wait for each answer. A load answers only once the model
+            serves, so this must cover a model's load and warm-up.
+        connect_timeout: seconds to wait for the connection itself, kept short so an
+            address where nothing answers fails fast.
+
+    Raises:
+        ValueError: `url` is not an http(s) URL with a host.
+    """
+
+    def __init__(self, url: str, timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
+        if "://" not in url:
+            url = f"http://{url}"
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"URL '{url}' must start with http:// or https://")
+        try:
+            port = parts.port  # reads the digits: a bad port raises here
+        except ValueError as exc:
+            raise ValueError(f"URL '{url}' has a bad port: {exc}") from exc
+        if not parts.hostname:
+            raise ValueError(f"URL '{url}' has no host")
+        self._connection_class = (
+            http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        )
+        self._host = parts.hostname
+        self._port = port
+        self._prefix = parts.path.rstrip("/")
+        self.url = f"{parts.scheme}://{parts.netloc}{self._prefix}"
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+
+    # -- the V2 calls ---------------------------------------------------------------
+
+    def server_metadata(self) -> ServerMetadata:
+        """`GET /v2`: the server's name, version and protocol extensions."""
+        return cast(ServerMetadata, self._request("GET", "/v2", expect=dict))
+
+    def repository_index(self) -> list[IndexRow]:
+        """`POST /v2/repository/index`: every model and version with its state."""
+        return cast(list[IndexRow], self._request("POST", "/v2/repository/index", expect=list))
+
+    def model_metadata(self, model: str) -> ModelMetadata:
+        """`GET /v2/models/MODEL`: its serving versions, inputs and outputs.
+
+        Raises:
+            ServerError: with status 404 when no version of the model serves.
+        """
+        return cast(ModelMetadata, self._request("GET", f"/v2{_model_path(model)}", expect=dict))
+
+    def load(self, model: str, version: int | str | None = None) -> None:
+        """(Re)loads a model, or one version of it; returns once it serves."""
+        self._request("POST", f"/v2/repository{_model_path(model)}/load", _options(version))
+
+    def unload(self, model: str, version: int | str | None = None) -> None:
+        """Stops serving a model, or one version of it."""
+        self._request("POST", f"/v2/repository{_model_path(model)}/unload", _options(version))
+
+    # -- the one place that does I/O ------------------------------------------------
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        expect: type[dict[str, Any]] | type[list[Any]] = dict,
+    ) -> Any:
+        """Sends one request and returns its decoded JSON body, of type `expect`."""
+        payload = b"" if body is None else json.dumps(body).encode()
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/json",
+            "User-Agent": f"tidegate/{__version__}",
+        }
+        connection = self._connection_class(self._host, self._port, timeout=self.connect_timeout)
+        try:
+            connection.connect()
+            if connection.sock is not None:
+                connection.sock.settimeout(self.timeout)  # from here on, wait for the work
+            connection.request(method, self._prefix + path, payload, headers)
+            response = connection.getresponse()
+            status, data = response.status, response.read()
+        except TimeoutError as exc:
+            if connection.sock is None:
+                reason = f"no connection within {self.connect_timeout:g} s"
+            else:
+                reason = f"no answer within {self.timeout:g} s (the server may still finish)"
+            raise Unreachable(self.url, reason) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise Unreachable(self.url, _describe(exc)) from exc
+        finally:
+            connection.close()
+
+        try:
+            document = json.loads(data) if data.strip() else None
+        except ValueError:
+            document = None
+        if status >= 400:
+            raise ServerError(status, _error_message(status, response.reason, document, data))
+        if not isinstance(document, expect):
+            raise ServerError(
+                status,
+                f"{method} {path} answered {_snippet(data)!r}, not a JSON {expect.__name__}",
+            )
+        return document
+
+
+def _model_path(model: str) -> str:
+    # Quoted so that a name with '/' or '?' reaches the server as one (unknown) name.
+    return f"/models/{quote(model, safe='')}"
+
+
+def _options(version: int | str | None) -> dict[str, Any]:
+    return {} if version is None else {"parameters": {"version": str(version)}}
+
+
+def _error_message(status: int, reason: str, document: object, data: bytes) -> str:
+    message = document.get("error") if isinstance(document, dict) else None
+    if isinstance(message, str):
+        return message
+    # Not a V2 error body (a proxy's HTML page, say): keep what can be shown.
+    text = _snippet(data)
+    return f"HTTP {status} {reason}" + (f": {text}" if text else "")
+
+
+def _snippet(data: bytes, limit: int = 200) -> str:
+    text = " ".join(data.decode(errors="replace").split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe(exc: Exception) -> str:
+    """`[Errno 111] Connection refused` -> `connection refused`."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[:1].lower() + exc.strerror[1:]
+    return str(exc) or type(exc).__name__
