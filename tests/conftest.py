@@ -1,5 +1,6 @@
 """Shared fixtures: copies of the shipped repository and real `tidegate serve` processes."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -81,6 +82,17 @@ class LiveServer:
         return code
 
 
+@contextlib.contextmanager
+def serving_a_copy(root: Path) -> Iterator[LiveServer]:
+    """A server on a private copy of the shipped models, made under `root`."""
+    shutil.copytree(MODELS, root / "models")
+    live = LiveServer(root / "models", log_path=root / "server.log")
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
     """A private copy of the shipped repository that a test may change."""
@@ -92,11 +104,8 @@ def models_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One server on the shipped models for tests that change no state."""
-    root = tmp_path_factory.mktemp("shared")
-    shutil.copytree(MODELS, root / "models")
-    live = LiveServer(root / "models", log_path=root / "server.log")
-    yield live
-    live.stop()
+    with serving_a_copy(tmp_path_factory.mktemp("shared")) as live:
+        yield live
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ run time); each test that changes which models serve puts them back, and the
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import MODELS, LiveServer, free_port
+from tests.conftest import LiveServer, free_port, serving_a_copy
 
 SHIPPED = [
     ("breast_cancer", "1"),
@@ -28,11 +27,8 @@ SHIPPED = [
 
 @pytest.fixture(scope="module")
 def module_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    root = tmp_path_factory.mktemp("control")
-    shutil.copytree(MODELS, root / "models")
-    live = LiveServer(root / "models", log_path=root / "server.log")
-    yield live
-    live.stop()
+    with serving_a_copy(tmp_path_factory.mktemp("control")) as live:
+        yield live
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from tests import onnx_models
-from tests.conftest import MODELS, LiveServer
+from tests.conftest import MODELS, LiveServer, serving_a_copy
 
 DIGITS_MODEL = MODELS / "digits" / "1" / "model.onnx"
 ZEROS = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0] * 64}]}
@@ -72,11 +72,8 @@ FAILURES: list[tuple[str, Callable[[Path], None], str]] = [
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
-    root = tmp_path_factory.mktemp("lifecycle")
-    shutil.copytree(MODELS, root / "models")
-    server = LiveServer(root / "models", log_path=root / "server.log")
-    yield server
-    server.stop()
+    with serving_a_copy(tmp_path_factory.mktemp("lifecycle")) as server:
+        yield server
 
 
 def live_repository(live: LiveServer) -> Path:

@@ -4,9 +4,9 @@ stays fast."""
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
@@ -211,15 +211,20 @@ def _mebibytes(row: Mapping[str, object]) -> str:
     return f"{size / 2**20:.1f} MiB"
 
 
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def _version_option(help_text: str) -> Callable[[_Command], _Command]:
+    return click.option(
+        "--version", type=click.IntRange(min=1), default=None, metavar="N", help=help_text
+    )
+
+
 @main.command(short_help="Load a model and wait until it serves.")
 @click.argument("model")
-@click.option(
-    "--version",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="Load only this version, beside those serving. "
-    "Default: the versions the model's policy selects, replacing those serving.",
+@_version_option(
+    "Load only this version, beside those serving. "
+    "Default: the versions the model's policy selects, replacing those serving."
 )
 @url_option
 @json_option
@@ -230,13 +235,7 @@ def load(model: str, version: int | None, url: str, as_json: bool) -> None:
 
 @main.command(short_help="Stop serving a model.")
 @click.argument("model")
-@click.option(
-    "--version",
-    type=click.IntRange(min=1),
-    default=None,
-    metavar="N",
-    help="Unload only this version. Default: every version of the model.",
-)
+@_version_option("Unload only this version. Default: every version of the model.")
 @url_option
 @json_option
 def unload(model: str, version: int | None, url: str, as_json: bool) -> None:
