@@ -67,6 +67,8 @@ def test_scan_model_of_unknown_name(tmp_path: Path):
         (VersionPolicy(), [3, 1, 2], [3]),
         (VersionPolicy("all"), [3, 1, 2], [1, 2, 3]),
         (VersionPolicy("specific", (1, 3, 9)), [3, 1, 2], [1, 3]),
+        (VersionPolicy("latest", num_versions=2), [3, 1, 2], [2, 3]),
+        (VersionPolicy("latest", num_versions=5), [3, 1, 2], [1, 2, 3]),
     ],
 )
 def test_version_policy(policy, available, selected):
@@ -117,6 +119,8 @@ def test_config_keys(tmp_path: Path):
         ("[versions]\npolicy = 'newest'\n", "versions.policy must be"),
         ("[versions]\npolicy = [0]\n", "positive version numbers"),
         ("[versions]\npolicy = []\n", "positive version numbers"),
+        ("[versions]\npolicy = 'all'\nnum_versions = 2\n", "num_versions needs policy = 'latest'"),
+        ("[versions]\nnum_versions = 0\n", "versions.num_versions must be >= 1"),
         ("[runtime]\ngraph_optimization = 'max'\n", "runtime.graph_optimization must be one of"),
         ("[runtime]\nproviders = []\n", "runtime.providers must be a list of names"),
         ("[validation]\nreject_nan = 1\n", "validation.reject_nan has the wrong type"),

@@ -1,0 +1,53 @@
+"""The registry in-process: swaps, draining, and what a reload keeps."""
+
+import asyncio
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+
+from tidegate.errors import NotFound
+from tidegate.registry import Registry
+
+
+def _loaded(models_dir: Path) -> Registry:
+    registry = Registry(models_dir)
+    asyncio.run(registry.load_all())
+    return registry
+
+
+def test_an_unloaded_session_lives_until_its_last_request_is_done(models_dir: Path):
+    registry = _loaded(models_dir)
+    in_flight = registry.resolve("digits")  # what a request holds while it runs
+    session = weakref.ref(in_flight.model)
+    asyncio.run(registry.unload("digits"))
+    with pytest.raises(NotFound, match="model 'digits' is not loaded"):
+        registry.resolve("digits")
+    assert session() is not None  # the request still finishes on it
+    del in_flight
+    assert session() is None  # drained: released
+
+
+def test_a_swap_replaces_the_snapshot_at_once(models_dir: Path):
+    registry = _loaded(models_dir)
+    old = registry.resolve("digits")
+    shutil.copytree(models_dir / "digits" / "1", models_dir / "digits" / "2")
+    asyncio.run(registry.load("digits", "2"))
+    assert [d.version for d in registry.versions("digits")] == [1, 2]
+    assert registry.resolve("digits").version == 2
+    assert registry.resolve("digits", "1") is old  # loading beside keeps version 1 as it was
+    asyncio.run(registry.load("digits"))  # policy reload: latest only, all rebuilt
+    assert [d.version for d in registry.versions("digits")] == [2]
+    assert registry.resolve("digits", "2") is not old
+
+
+def test_latest_n_policy(models_dir: Path):
+    for version in (2, 3):
+        shutil.copytree(models_dir / "digits" / "1", models_dir / "digits" / str(version))
+    (models_dir / "digits" / "config.toml").write_text(
+        '[versions]\npolicy = "latest"\nnum_versions = 2\n'
+    )
+    registry = _loaded(models_dir)
+    assert [d.version for d in registry.versions("digits")] == [2, 3]
+    assert registry.resolve("digits").version == 3
