@@ -55,6 +55,7 @@ class LiveServer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                self._log.close()
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
                 if self.client.get("/v2/health/ready").status_code == 200:

@@ -12,10 +12,10 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tidegate"
 LAYERS = {
-    0: {"__init__", "errors", "config", "protocol", "stats"},
-    1: {"codec", "runtime", "repository", "executor"},
-    2: {"registry", "poller"},
-    3: {"infer", "v2", "app", "client"},
+    0: {"__init__", "errors", "config", "protocol", "stats", "kernels"},
+    1: {"codec", "runtime", "repository", "executor", "drift"},
+    2: {"registry", "poller", "observer"},
+    3: {"infer", "v2", "app", "client", "metrics"},
     4: {"server", "cli", "__main__"},
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
@@ -25,6 +25,8 @@ OWNERS = {
     "uvicorn": {"server"},
     "click": {"cli"},
     "rich": {"cli"},
+    "numba": {"kernels"},
+    "prometheus_client": {"metrics"},
     "orjson": {"codec", "infer", "v2"},
 }
 

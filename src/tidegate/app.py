@@ -15,6 +15,8 @@ from tidegate.config import ServerConfig
 from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import InferRouter, error_parts
+from tidegate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, collectors, render
+from tidegate.observer import DriftObserver
 from tidegate.poller import RepositoryPoller
 from tidegate.registry import Registry
 from tidegate.v2 import DataPlane, json_response
@@ -62,6 +64,7 @@ def _routes(plane: DataPlane) -> list[Route]:
             Route(f"{prefix}/ready", plane.model_ready, methods=["GET"]),
             Route(f"{prefix}/config", plane.model_config, methods=["GET"]),
             Route(f"{prefix}/stats", plane.model_stats, methods=["GET"]),
+            Route(f"{prefix}/drift", plane.drift, methods=["GET"]),
         ]
     return routes
 
@@ -73,7 +76,13 @@ def create_app(config: ServerConfig) -> InferRouter:
     Starlette; Starlette serves the rest (and runs the lifespan)."""
     registry = Registry(config.repository)
     executor = InferenceExecutor(config.executor_threads, config.max_pending)
+    observer = DriftObserver()
     plane = DataPlane(registry, executor, config.max_body_bytes)
+    metrics = collectors(registry, observer)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        body = await asyncio.to_thread(render, metrics)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -85,6 +94,7 @@ def create_app(config: ServerConfig) -> InferRouter:
         if poller is not None:
             await poller.prime()
         await registry.load_all()
+        observer.start()
         polling = None if poller is None else asyncio.create_task(poller.run())
         try:
             yield
@@ -95,9 +105,10 @@ def create_app(config: ServerConfig) -> InferRouter:
                     await polling
             # The server has stopped taking requests and drained those in flight.
             executor.shutdown()
+            observer.stop()
 
     app = Starlette(
-        routes=_routes(plane),
+        routes=[*_routes(plane), Route("/metrics", metrics_endpoint, methods=["GET"])],
         lifespan=lifespan,
         exception_handlers={
             TidegateError: _tidegate_error,
@@ -105,4 +116,4 @@ def create_app(config: ServerConfig) -> InferRouter:
             Exception: _unexpected_error,
         },
     )
-    return InferRouter(app, registry, executor, config.max_body_bytes)
+    return InferRouter(app, registry, executor, observer, config.max_body_bytes)

@@ -278,3 +278,69 @@ def _serving_versions(client: "ControlClient", model: str) -> list[str]:
         if exc.status == 404:  # no version serves (after an unload, say)
             return []
         raise
+
+
+@main.command(short_help="Show a model's drift against its reference.")
+@click.argument("model")
+@_version_option("Only this version. Default: every serving version.")
+@url_option
+@json_option
+def drift(model: str, version: int | None, url: str, as_json: bool) -> None:
+    """Show MODEL's drift statistics: per feature and output, against the reference."""
+    with _control(url) as client:
+        document = client.drift(model, version)
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    for report in [document] if version is not None else document["versions"]:
+        _print_drift(report)
+
+
+_VERDICT_STYLES = {"drift": "red", "no_drift": "green", "insufficient_data": "yellow"}
+_DRIFT_COLUMNS = (
+    # (header, report key, format)
+    ("rows", "rows", "{:.0f}"),
+    ("PSI", "psi", "{:.3f}"),
+    ("JS", "js_distance", "{:.3f}"),
+    ("KS", "ks", "{:.3f}"),
+    ("p-value", "p_value", "{:.2g}"),
+    ("shift sd", "mean_shift_sigma", "{:+.2f}"),
+    ("var ratio", "variance_ratio", "{:.2f}"),
+    ("NaN", "nan_rate", "{:.1%}"),
+    ("out of range", "out_of_range_rate", "{:.1%}"),
+)
+
+
+def _print_drift(report: dict[str, Any]) -> None:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    head = f"{report['model_name']} version {report['model_version']}"
+    state = report.get("state")
+    if state != "ready":
+        detail = ""
+        if state == "collecting_reference":
+            detail = f": {report['reference']['rows']}/{report['reference_rows_needed']} rows"
+        click.echo(f"{head}: {state}{detail}")
+        return
+    summary, reference = report["summary"], report["reference"]
+    click.echo(
+        f"{head}: {summary['verdict']} | {summary['window_rows']:.0f} rows in window, "
+        f"reference {reference['rows']} rows from {reference['source']}, "
+        f"{report['dropped_batches']} batches dropped"
+    )
+    table = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
+    table.add_column("feature")
+    for header, _, _ in _DRIFT_COLUMNS:
+        table.add_column(header, justify="right")
+    table.add_column("verdict")
+    for row in [*report["inputs"], *report["outputs"], *report["classes"]]:
+        cells = [
+            "" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in _DRIFT_COLUMNS
+        ]
+        verdict = row["verdict"]
+        table.add_row(
+            Text(row["name"]), *cells, Text(verdict, style=_VERDICT_STYLES.get(verdict, ""))
+        )
+    _console().print(table)

@@ -142,6 +142,14 @@ class ControlClient:
         """
         return cast(ModelMetadata, self._request("GET", f"/v2{_model_path(model)}", expect=dict))
 
+    def drift(self, model: str, version: int | str | None = None) -> dict[str, Any]:
+        """tidegate's drift report: `GET /v2/models/MODEL[/versions/N]/drift`. Without a
+        version: `{"model_name", "versions": [one report per serving version]}`."""
+        path = f"/v2{_model_path(model)}"
+        if version is not None:
+            path += f"/versions/{quote(str(version), safe='')}"
+        return cast(dict[str, Any], self._request("GET", f"{path}/drift", expect=dict))
+
     def load(self, model: str, version: int | str | None = None) -> None:
         """(Re)loads a model, or one version of it; returns once it serves."""
         self._request("POST", f"/v2/repository{_model_path(model)}/load", _options(version))

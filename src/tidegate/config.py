@@ -70,11 +70,25 @@ class ValidationConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class DriftConfig:
+    """Online drift statistics (see DRIFT.md): reference bins, decay and the verdict gates."""
+
+    enabled: bool = True
+    bins: int = 16  # equal-mass bins per feature, from the reference's quantiles
+    reference_rows: int = 1000  # without reference.npz: the first rows served become it
+    half_life: int = 100_000  # rows: the weight of traffic halves every this many rows
+    psi_warn: float = 0.1  # the effect gate: drift needs PSI at least this ...
+    psi_alert: float = 0.25  # ... and PSI above this is a major shift
+    alpha: float = 0.05  # ... and the p-value below alpha / number of features
+
+
+@dataclass(slots=True, frozen=True)
 class ModelConfig:
     versions: VersionPolicy = field(default_factory=VersionPolicy)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,6 +140,12 @@ class _Section:
             raise ConfigError(f"{self.path}: {self.name}.{key} must be >= {minimum}")
         return value
 
+    def fraction(self, key: str, default: float, low: float, high: float) -> float:
+        value = float(self.get(key, (int, float), default))
+        if not low < value < high:
+            raise ConfigError(f"{self.path}: {self.name}.{key} must be between {low} and {high}")
+        return value
+
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
         if unknown:
@@ -155,7 +175,7 @@ def _providers(section: _Section) -> tuple[str, ...]:
 
 def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
     """Builds a ModelConfig from parsed TOML; `path` is only used in error messages."""
-    known = {"versions", "batching", "runtime", "validation"}
+    known = {"versions", "batching", "runtime", "validation", "drift"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
@@ -175,9 +195,26 @@ def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
         inline_below_us=rt.count("inline_below_us", DEFAULT_INLINE_BELOW_US, 0),
     )
     validation = ValidationConfig(sections["validation"].get("reject_nan", bool, False))
+    drift = _drift(sections["drift"])
     for section in sections.values():
         section.done()
-    return ModelConfig(versions, batching, runtime, validation)
+    return ModelConfig(versions, batching, runtime, validation, drift)
+
+
+def _drift(section: _Section) -> DriftConfig:
+    default = DriftConfig()
+    config = DriftConfig(
+        enabled=section.get("enabled", bool, default.enabled),
+        bins=section.count("bins", default.bins, 2),
+        reference_rows=section.count("reference_rows", default.reference_rows, 10),
+        half_life=section.count("half_life", default.half_life, 1),
+        psi_warn=section.fraction("psi_warn", default.psi_warn, 0, 10),
+        psi_alert=section.fraction("psi_alert", default.psi_alert, 0, 10),
+        alpha=section.fraction("alpha", default.alpha, 0, 1),
+    )
+    if config.psi_alert < config.psi_warn:
+        raise ConfigError(f"{section.path}: drift.psi_alert must be >= drift.psi_warn")
+    return config
 
 
 def load_model_config(path: Path) -> ModelConfig:

@@ -11,15 +11,18 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from functools import partial
 from http import HTTPStatus
 from typing import Any
 
+import numpy as np
 import orjson
 
 from tidegate import codec
 from tidegate.errors import BadRequest, MethodNotAllowed, Overloaded, TidegateError, TooLarge
 from tidegate.executor import InferenceExecutor
+from tidegate.observer import DriftObserver
 from tidegate.registry import Deployment, Registry
 from tidegate.stats import Timings
 
@@ -116,11 +119,17 @@ class InferRouter:
     """Answers infer requests itself and passes everything else to `app`."""
 
     def __init__(
-        self, app: ASGIApp, registry: Registry, executor: InferenceExecutor, max_body: int
+        self,
+        app: ASGIApp,
+        registry: Registry,
+        executor: InferenceExecutor,
+        observer: DriftObserver,
+        max_body: int,
     ) -> None:
         self.app = app
         self.registry = registry
         self.executor = executor
+        self.observer = observer
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -128,10 +137,12 @@ class InferRouter:
         if target is None:
             await self.app(scope, receive, send)
             return
+        served = None
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}")
-            status, headers, body = await self._infer(scope, receive, *target)
+            served = await self._infer(scope, receive, *target)
+            status, headers, body = 200, served.headers, served.body
         except TidegateError as exc:
             status, headers, body = error_parts(exc)
         except ClientGone:
@@ -141,10 +152,13 @@ class InferRouter:
             status, headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
             body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
         await _respond(send, status, headers, body)
+        # Only now, with the answer handed back: the drift statistics, off this thread.
+        if served is not None and served.deployment.drift is not None:
+            self.observer.submit(served.deployment.drift, served.inputs, served.outputs)
 
     async def _infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    ) -> "_Served":
         started = time.perf_counter_ns()
         deployment = self.registry.resolve(model, version)
         try:
@@ -156,7 +170,7 @@ class InferRouter:
 
     async def _run(
         self, scope: Scope, receive: Receive, deployment: Deployment, started: int
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    ) -> "_Served":
         content_length = content_encoding = header_length = None
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -205,6 +219,19 @@ class InferRouter:
             time.monotonic_ns(),
         )
         if json_length is None:
-            return 200, [JSON_TYPE, deployment.version_header], payload
-        length_header = (b"inference-header-content-length", str(json_length).encode())
-        return 200, [_BINARY_TYPE, deployment.version_header, length_header], payload
+            headers = [JSON_TYPE, deployment.version_header]
+        else:
+            length_header = (b"inference-header-content-length", str(json_length).encode())
+            headers = [_BINARY_TYPE, deployment.version_header, length_header]
+        return _Served(headers, payload, deployment, decoded.inputs, timed.value)
+
+
+@dataclass(slots=True, frozen=True)
+class _Served:
+    """An answered request: its response, and what the drift statistics observe."""
+
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    deployment: Deployment
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]

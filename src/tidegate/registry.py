@@ -18,11 +18,15 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tidegate.config import ModelConfig
+import numpy as np
+
+from tidegate.config import DriftConfig, ModelConfig
+from tidegate.drift import DriftMonitor, FeatureMap, prepare_kernels
 from tidegate.errors import BadRequest, ModelLoadError, NotFound, TidegateError
 from tidegate.repository import (
     Fingerprint,
@@ -48,6 +52,7 @@ class Deployment:
     config: ModelConfig
     fingerprint: Fingerprint  # of the version's files when they were read
     memory_bytes: int | None  # growth of the process's RSS while loading it
+    drift: DriftMonitor | None  # None when [drift] enabled = false
     stats: VersionStats = field(default_factory=VersionStats)
     version_label: str = field(init=False)
     version_header: tuple[bytes, bytes] = field(init=False)
@@ -61,6 +66,16 @@ class Deployment:
         self.inline_below_ns = self.config.runtime.inline_below_us * 1000
         # Triton's max_batch_size: 0 when the model has no batch axis.
         self.max_batch_size = self.config.batching.max_batch_size if self.model.meta.batched else 0
+
+    def drift_report(self) -> dict[str, object]:
+        """The version's drift report (blocking: numpy work under the monitor's lock)."""
+        head: dict[str, object] = {"model_name": self.name, "model_version": self.version_label}
+        if self.drift is None:
+            return {**head, "state": "disabled"}
+        with self.drift.lock:
+            report = self.drift.report(time.monotonic())
+            dropped = self.drift.dropped
+        return {**head, "dropped_batches": dropped, **report}
 
 
 # Builds run one at a time, so that the RSS growth during one is its own.
@@ -83,11 +98,48 @@ def _build(source: ModelSource, version: VersionSource) -> Deployment:
         model = OnnxModel(version.model_path, source.config.runtime)
         sample = load_reference(version.reference_path) if version.reference_path else None
         model.warm_up(sample)
+        drift = _drift_monitor(source.config.drift, model, sample)
         after = _rss_bytes()
     memory = None if before is None or after is None else max(after - before, 0)
     return Deployment(
-        source.name, version.version, model, source.config, version.fingerprint, memory
+        source.name, version.version, model, source.config, version.fingerprint, memory, drift
     )
+
+
+_REFERENCE_CHUNK = 1024  # rows per run when passing reference data through the model
+
+
+def _drift_monitor(
+    config: DriftConfig, model: OnnxModel, sample: dict[str, np.ndarray] | None
+) -> DriftMonitor | None:
+    """The version's drift monitor, its reference profiled from reference.npz and the
+    model's outputs on it; without one, the first rows served become the reference."""
+    if not config.enabled:
+        return None
+    prepare_kernels()  # compiled (or loaded from cache) here, not on a request
+    feeds = model.feeds(sample)
+    if model.meta.batched:
+        rows = len(next(iter(feeds.values())))
+        chunks = [
+            model.run(
+                {name: array[start : start + _REFERENCE_CHUNK] for name, array in feeds.items()}
+            )
+            for start in range(0, rows, _REFERENCE_CHUNK)
+        ]
+        outputs = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+    else:
+        outputs = model.run(feeds)
+    numeric_outputs = tuple(s for s in model.meta.outputs if s.datatype.numpy.kind == "f")
+    monitor = DriftMonitor(
+        config,
+        FeatureMap.for_tensors(model.meta.inputs, feeds),
+        FeatureMap.for_tensors(numeric_outputs, outputs),
+        model.meta.outputs,
+        time.monotonic(),
+    )
+    if sample is not None:
+        monitor.set_reference(feeds, outputs, "reference.npz")
+    return monitor
 
 
 def _check_inputs(name: str, built: list[Deployment], serving: Deployment | None) -> None:

@@ -115,33 +115,37 @@ class OnnxModel:
         run inline; underestimating would block the event loop."""
         return self._mean_run_ns * max(1.0, rows / self._mean_rows)
 
-    def warm_up(self, sample: dict[str, np.ndarray] | None) -> None:
-        """Runs one inference so the first request pays no lazy initialisation.
-
-        Uses the first row of `sample` (the version's reference data), which must
-        have an array for every input; without a sample, zeros (empty strings) of
-        the declared shape with each dynamic dimension set to 1.
-        """
+    def feeds(self, sample: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """Inputs the model takes: `sample` (the version's reference data, which must
+        have an array for every input) in the declared datatypes; without a sample,
+        zeros (empty strings) of the declared shape, each dynamic dimension 1."""
         if sample is not None:
             missing = [spec.name for spec in self.meta.inputs if spec.name not in sample]
             if missing:
                 raise ModelLoadError(
                     f"{self.path}: the reference data has no array for input '{missing[0]}'"
                 )
-            feeds = {
-                spec.name: np.asarray(sample[spec.name][:1]).astype(spec.datatype.numpy)
+            return {
+                spec.name: np.asarray(sample[spec.name]).astype(spec.datatype.numpy)
                 for spec in self.meta.inputs
             }
-        else:
-            feeds = {
-                spec.name: np.full(
-                    [max(d, 1) for d in spec.shape],
-                    "" if spec.datatype.name == "BYTES" else 0,
-                    dtype=spec.datatype.numpy,
-                )
-                for spec in self.meta.inputs
-            }
-        rows = next(iter(feeds.values())).shape[0] if self.meta.batched else 1
+        return {
+            spec.name: np.full(
+                [max(d, 1) for d in spec.shape],
+                "" if spec.datatype.name == "BYTES" else 0,
+                dtype=spec.datatype.numpy,
+            )
+            for spec in self.meta.inputs
+        }
+
+    def warm_up(self, sample: dict[str, np.ndarray] | None) -> None:
+        """Runs the first row of `feeds(sample)` a few times, so the first request pays
+        no lazy initialisation and the cost model starts from measured runs."""
+        feeds = self.feeds(sample)
+        rows = 1
+        if self.meta.batched:
+            feeds = {name: array[:1] for name, array in feeds.items()}
+            rows = len(next(iter(feeds.values())))
         durations: list[int] = []
         try:
             self.run(feeds, rows)  # the first run pays for lazy initialisation

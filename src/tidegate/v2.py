@@ -2,6 +2,7 @@
 health, metadata, and Triton's repository, configuration and statistics
 extensions. Thin: state lives in `registry`."""
 
+import asyncio
 from typing import Any
 
 import orjson
@@ -134,6 +135,16 @@ class DataPlane:
         return json_response(
             {"model_stats": [d.stats.to_triton(d.name, d.version_label) for d in deployments]}
         )
+
+    async def drift(self, request: Request) -> Response:
+        """The drift report of one version, or of every serving version of a model."""
+        name = request.path_params["model"]
+        if "version" in request.path_params:
+            report = await asyncio.to_thread(self._resolve(request).drift_report)
+            return json_response(report)
+        deployments = self.registry.versions(name)
+        reports = await asyncio.to_thread(lambda: [d.drift_report() for d in deployments])
+        return json_response({"model_name": name, "versions": reports})
 
     # -- Triton's model repository extension ----------------------------------------
 

@@ -1,0 +1,122 @@
+"""Drift statistics end to end: the shipped models and their reference.npz, a real
+server, the report endpoint and the Prometheus gauges."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import LiveServer
+from tests.shipped import ShippedVersion, reference_rows
+
+BREAST_CANCER = ShippedVersion("breast_cancer", 1)
+
+
+def _send(live: LiveServer, path: str, rows: np.ndarray, batch: int = 50) -> None:
+    for start in range(0, len(rows), batch):
+        part = rows[start : start + batch]
+        body = {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": list(part.shape),
+                    "data": part.ravel().tolist(),
+                }
+            ]
+        }
+        response = live.client.post(f"/v2/models/{path}/infer", json=body)
+        assert response.status_code == 200, response.text
+
+
+def _report_after(live: LiveServer, path: str, rows: int) -> dict:
+    """The report once the observer has applied `rows` rows (it runs off the request path)."""
+    deadline = time.monotonic() + 20
+    while True:
+        report = live.client.get(f"/v2/models/{path}/drift").json()
+        if report.get("state") == "ready" and report["summary"]["window_rows"] >= rows:
+            return report
+        assert time.monotonic() < deadline, report
+        time.sleep(0.05)
+
+
+def test_reference_traffic_is_quiet_and_a_shift_is_named(models_dir: Path, start_server):
+    live: LiveServer = start_server(models_dir)
+    reference = reference_rows(BREAST_CANCER, 426)["input"]
+    rng = np.random.default_rng(5)
+    quiet = reference[rng.permutation(len(reference))]
+    _send(live, "breast_cancer/versions/2", np.concatenate([quiet, quiet]))
+    report = _report_after(live, "breast_cancer/versions/2", 852)
+    assert report["model_version"] == "2"
+    assert report["reference"] == {"source": "reference.npz", "rows": 426}
+    assert report["dropped_batches"] == 0
+    assert report["summary"]["verdict"] == "no_drift"
+    assert len(report["inputs"]) == 30
+    assert {row["name"] for row in report["classes"]} == {"label", "probabilities"}
+
+    shifted = np.concatenate([quiet, quiet]).copy()
+    sigma = reference[:, 0].std()
+    shifted[:, 0] += 0.5 * sigma
+    _send(live, "breast_cancer/versions/1", shifted)
+    report = _report_after(live, "breast_cancer/versions/1", 852)
+    drifted_inputs = [row["name"] for row in report["inputs"] if row["verdict"] == "drift"]
+    assert drifted_inputs == ["input[0]"]
+    first = report["inputs"][0]
+    assert first["mean_shift_sigma"] == pytest.approx(0.5, abs=0.05)
+
+    both = live.client.get("/v2/models/breast_cancer/drift").json()
+    assert [v["model_version"] for v in both["versions"]] == ["1", "2"]
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(live.client.get("/metrics").text)
+        for sample in family.samples
+    }
+    version = (("model", "breast_cancer"), ("version", "1"))
+    assert samples["tidegate_drift_verdict", version] == 1.0
+    assert samples["tidegate_drift_verdict", (("model", "breast_cancer"), ("version", "2"))] == 0.0
+    psi_labels = tuple(sorted((*version, ("tensor_kind", "input"), ("feature", "input[0]"))))
+    assert samples["tidegate_drift_psi", psi_labels] == pytest.approx(first["psi"], rel=1e-3)
+
+
+def test_text_model_and_first_rows_as_reference(models_dir: Path, start_server):
+    (models_dir / "digits" / "1" / "reference.npz").unlink()
+    (models_dir / "digits" / "config.toml").write_text("[drift]\nreference_rows = 100\n")
+    (models_dir / "diabetes" / "config.toml").write_text("[drift]\nenabled = false\n")
+    live: LiveServer = start_server(models_dir)
+
+    digits = reference_rows(ShippedVersion("digits", 1), 60)["input"]
+    _send(live, "digits", digits, batch=20)
+    deadline = time.monotonic() + 20
+    while (report := live.client.get("/v2/models/digits/drift").json()["versions"][0])[
+        "state"
+    ] != "collecting_reference" or report["reference"]["rows"] < 60:
+        assert time.monotonic() < deadline, report
+        time.sleep(0.05)
+    assert report["reference_rows_needed"] == 100
+    _send(live, "digits", reference_rows(ShippedVersion("digits", 1), 60, start=60)["input"])
+    deadline = time.monotonic() + 20
+    while live.client.get("/v2/models/digits/versions/1/drift").json()["state"] != "ready":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    report = live.client.get("/v2/models/digits/versions/1/drift").json()
+    assert report["reference"]["source"] == "served"
+    assert len(report["inputs"]) == 64
+
+    assert live.client.get("/v2/models/diabetes/versions/1/drift").json() == {
+        "model_name": "diabetes",
+        "model_version": "1",
+        "state": "disabled",
+    }
+
+    text = {
+        "inputs": [
+            {"name": "text", "datatype": "BYTES", "shape": [2, 1], "data": ["iris petals", "a"]}
+        ]
+    }
+    assert live.client.post("/v2/models/dataset_topic/infer", json=text).status_code == 200
+    report = _report_after(live, "dataset_topic/versions/1", 2)
+    assert [row["name"] for row in report["inputs"]] == ["len(text)"]
+    labels = next(row for row in report["classes"] if row["name"] == "label")
+    assert "iris" in labels["reference_shares"]
