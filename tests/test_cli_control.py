@@ -10,11 +10,13 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import LiveServer, free_port, serving_a_copy
+from tests.shipped import ShippedVersion, reference_rows
 
 SHIPPED = [
     ("breast_cancer", "1"),
@@ -159,3 +161,38 @@ def test_help_names_the_options():
         assert "TIDEGATE_URL" in help_text
         assert "--json" in help_text
     assert "--version" in ok("load", "--help")
+
+
+def test_drift_prints_the_report(live: LiveServer):
+    rows = reference_rows(ShippedVersion("diabetes", 1), 200)["input"]
+    body = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP64",
+                "shape": list(rows.shape),
+                "data": rows.ravel().tolist(),
+            }
+        ]
+    }
+    assert live.client.post("/v2/models/diabetes/infer", json=body).status_code == 200
+    deadline = time.monotonic() + 20  # the drift observer applies the batch off the request path
+    while (
+        live.client.get("/v2/models/diabetes/versions/1/drift").json()["summary"]["window_rows"]
+        < 200
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    document = json.loads(ok("drift", "diabetes", "--json", "--url", live.base))
+    (report,) = document["versions"]
+    assert document["model_name"] == "diabetes"
+    assert [row["name"] for row in report["inputs"]] == [f"input[{j}]" for j in range(10)]
+    table = ok("drift", "diabetes", "--version", "1", "--url", live.base)
+    first_line = table.splitlines()[0]
+    assert first_line.startswith("diabetes version 1: no_drift | 200 rows in window")
+    assert "reference 331 rows from reference.npz" in first_line
+    assert re.search(r"^input\[3\]\s+200\s+\d\.\d{3}\s", table, re.MULTILINE), table
+    assert re.search(r"^variable\s+200\s", table, re.MULTILINE), table
+    missing = tidegate("drift", "no_such_model", "--url", live.base)
+    assert missing.returncode == 1
+    assert "no_such_model" in missing.stderr

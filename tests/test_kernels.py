@@ -154,21 +154,28 @@ def test_any_number_of_bins(bins, dtype):
     assert_state_matches(state, numpy_features(x, *reference))
 
 
+TINY = float(np.finfo(np.float32).smallest_subnormal)
+BIG = float(np.finfo(np.float32).max)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"),
+    [(0.1, 1.5 * TINY), (0.4 * TINY, -0.4 * TINY), (-0.6 * TINY, 0.6 * TINY), (-1e39, 1e39)],
+)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_float32_thresholds_at_the_ends_of_the_float32_range(dtype):
-    # Edges that float32 cannot hold: beyond its largest value, between subnormals,
-    # next to zero; the values are the float32s around each.
-    tiny = float(np.finfo(np.float32).smallest_subnormal)
-    big = float(np.finfo(np.float32).max)
+def test_float32_thresholds_at_the_ends_of_the_float32_range(dtype, lo, hi):
+    # Edges, lo and hi that float32 cannot hold: beyond its largest value, between
+    # subnormals, next to either zero (lo > hi is allowed: both tallies still apply).
+    # The values are the float32s at and around each.
+    tiny, big = TINY, BIG
     inner = [-1e39, -big, -1.5 * tiny, -0.0, 0.4 * tiny, 0.6 * tiny, 1.5 * tiny, 0.1, big, 1e39]
     edges = np.array([inner])
-    lo, hi = np.array([0.1]), np.array([1.5 * tiny])  # lo > hi: both tallies still apply
     values = np.array([*inner[1:-1], 0.0, tiny, 2 * tiny, np.inf, -np.inf], np.float32)
     with np.errstate(over="ignore"):  # next to the largest float32 is inf: as wanted
         up = np.nextafter(values, np.float32(np.inf))
         down = np.nextafter(values, np.float32(-np.inf))
     x = np.concatenate([values, up, down]).astype(dtype)[:, None]
-    reference = (edges, lo, hi, np.zeros(1))
+    reference = (edges, np.array([lo]), np.array([hi]), np.zeros(1))
     state = fresh_state(1, edges.shape[1] + 1)
     update(x, reference, state)
     assert_state_matches(state, numpy_features(x, *reference))

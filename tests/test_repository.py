@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tidegate.config import ModelConfig, VersionPolicy, load_model_config
+from tidegate.config import DriftConfig, ModelConfig, VersionPolicy, load_model_config
 from tidegate.errors import ConfigError, ModelLoadError, NotFound
 from tidegate.repository import load_reference, scan, scan_model
 
@@ -97,6 +97,14 @@ def test_config_keys(tmp_path: Path):
         execution_mode = "parallel"
         [validation]
         reject_nan = true
+        [drift]
+        enabled = false
+        bins = 8
+        reference_rows = 500
+        half_life = 2000
+        psi_warn = 0.2
+        psi_alert = 0.3
+        alpha = 0.01
         """,
     )
     assert config.versions == VersionPolicy("specific", (1, 2))
@@ -105,6 +113,7 @@ def test_config_keys(tmp_path: Path):
     assert config.runtime.graph_optimization == "basic"
     assert config.runtime.execution_mode == "parallel"
     assert config.validation.reject_nan is True
+    assert config.drift == DriftConfig(False, 8, 500, 2000, 0.2, 0.3, 0.01)
     assert load_model_config(tmp_path / "missing.toml") == ModelConfig()
 
 
@@ -124,6 +133,10 @@ def test_config_keys(tmp_path: Path):
         ("[runtime]\ngraph_optimization = 'max'\n", "runtime.graph_optimization must be one of"),
         ("[runtime]\nproviders = []\n", "runtime.providers must be a list of names"),
         ("[validation]\nreject_nan = 1\n", "validation.reject_nan has the wrong type"),
+        ("[drift]\nbins = 1\n", "drift.bins must be >= 2"),
+        ("[drift]\nalpha = 1.5\n", "drift.alpha must be between 0 and 1"),
+        ("[drift]\npsi_warn = 0.3\npsi_alert = 0.2\n", "psi_alert must be >= drift.psi_warn"),
+        ("[drift]\nwindow = 3\n", "unknown key drift.window"),
         ("versions = 3\n", "[versions] must be a table"),
         ("[versions\n", "not valid TOML"),
     ],

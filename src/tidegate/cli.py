@@ -343,4 +343,7 @@ def _print_drift(report: dict[str, Any]) -> None:
         table.add_row(
             Text(row["name"]), *cells, Text(verdict, style=_VERDICT_STYLES.get(verdict, ""))
         )
-    _console().print(table)
+    console = _console()
+    # Eleven columns of numbers: never squeeze them into 80 columns by cutting digits.
+    console.width = max(console.width, 132)
+    console.print(table)

@@ -255,6 +255,7 @@ class ClassOutput:
     kind: str  # "argmax" | "label"
     reference: Classes
     index: dict[Any, int] = field(default_factory=dict)  # label -> class, for "label"
+    numeric: np.ndarray | None = None  # the labels, sorted, when they are numbers
 
     @classmethod
     def for_output(cls, spec: TensorSpec, reference: np.ndarray) -> "ClassOutput | None":
@@ -266,16 +267,18 @@ class ClassOutput:
                 np.zeros(1),
             )
             output = cls(spec.name, "argmax", classes)
-        elif kind in "iuOb" and reference.ndim == 1:
+        elif kind in "iub" and reference.ndim == 1:
+            numeric = np.unique(reference)  # sorted: searched, not looked up per row
+            labels = (*(str(v) for v in numeric), "other")
+            index = {label: i for i, label in enumerate(labels[:-1])}
+            classes = Classes(labels, np.zeros(len(labels), np.int64), np.zeros(1))
+            output = cls(spec.name, "label", classes, index, numeric)
+        elif kind == "O" and reference.ndim == 1:
             values = sorted({_label(v) for v in reference})
             index = {value: i for i, value in enumerate(values)}
             labels = (*values, "other")
-            output = cls(
-                spec.name,
-                "label",
-                Classes(labels, np.zeros(len(labels), np.int64), np.zeros(1)),
-                index,
-            )
+            classes = Classes(labels, np.zeros(len(labels), np.int64), np.zeros(1))
+            output = cls(spec.name, "label", classes, index)
         else:
             return None
         output.update(output.reference, reference)
@@ -287,11 +290,19 @@ class ClassOutput:
                 np.ascontiguousarray(array), classes.counts, classes.confidence_sum
             )
             return
+        kernels.update_classes(self._indices(array), classes.counts)
+
+    def _indices(self, array: np.ndarray) -> np.ndarray:
+        """Each label's class; labels the reference never had go to "other" (last)."""
         other = len(self.index)
-        indices = np.fromiter(
+        if array.dtype.kind in "iub" and self.numeric is not None:
+            found = np.searchsorted(self.numeric, array)
+            clipped = np.minimum(found, other - 1)
+            known = (found < other) & (self.numeric[clipped] == array)
+            return np.where(known, clipped, other).astype(np.int64)
+        return np.fromiter(
             (self.index.get(_label(v), other) for v in array), dtype=np.int64, count=len(array)
         )
-        kernels.update_classes(indices, classes.counts)
 
 
 def _label(value: object) -> str:

@@ -10,24 +10,22 @@ cached on disk (`cache=True`) and compiled or loaded by `warm_up()` when a model
 loads, never on a request.
 
 Speed comes from the memory order: rows outer, features inner, so each inner
-loop walks one contiguous row and LLVM vectorises it across features, 16 float32
-lanes at a time. Each feature's float sums are then still added in row order, so
-no fast-math reassociation is needed, and NaN/inf handling stays exact. Per row:
+loop walks one contiguous row and LLVM vectorises it across features (16 float32
+lanes per instruction). Each feature's sums stay in their own lane, so no fast-math
+reassociation is needed and NaN/inf handling stays exact. Per batch:
 
-1. one loop for the float64 moments, one for min/max and the out-of-range and
-   NaN/inf tallies;
-2. one loop that counts, per feature, the edges at or below the value (16 edges
-   per compare, branch-free) into a bin index, and a scalar loop that adds one to
-   each feature's bin. Loops that write many arrays at once are not vectorised by
-   LLVM (too many runtime alias checks), which is why the work is split this way.
+1. one loop over groups of 4 rows adds the float64 moments, min/max and the
+   below/above/NaN tallies, reading and writing each feature's state once per group;
+2. per row, one loop counts each feature's edges at or below its value (a
+   branch-free compare of 16 edges at a time) into a bin index, and a scalar loop
+   adds one to each feature's bin.
 
-For that, each call lays the edges out feature-minor (edge k of every feature is
-contiguous) in the batch's own dtype. float32 values are compared with float32
-thresholds rounded so the result is exact: for a float32 v and a float64 edge e,
-v >= e holds exactly when v >= the smallest float32 >= e. Compares on float32
-lanes are twice as wide as on float64, and that was the largest single gain (see
-benchmarks/RESULTS.md). Small tallies live in per-call locals and are added to
-the caller's state once at the end.
+LLVM does not vectorise a loop that writes many arrays (too many runtime alias
+checks), which is why the work is split into these loops. For the compares, each
+call lays the edges out feature-minor (edge k of every feature contiguous) in the
+batch's own dtype: a float32 batch is compared with float32 thresholds, rounded so
+the result is exactly that of the float64 compare, at twice the lanes of float64.
+The figures and what each step gained are in benchmarks/RESULTS.md.
 """
 
 from collections.abc import Callable
@@ -129,7 +127,8 @@ def _tally_rows(
 
     `group` is a constant at each call site, so the row loop unrolls and each
     feature's state is read and written once per group instead of once per row
-    (about 0.2 ns per value saved at group 4). The float sums are added in row order.
+    (about 0.2 ns per value saved at group 4). A group's terms are summed in float64,
+    then added to the state.
     """
     for f in range(x.shape[1]):
         total = 0.0

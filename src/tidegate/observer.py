@@ -4,17 +4,19 @@ request path.
 Theory of operation
 -------------------
 After a response is handed back, the request's inputs and the model's outputs
-are offered to a bounded queue (`submit`, which never blocks). One worker
-thread takes what is queued, joins the batches of the same model version into
-one (one kernel call per version per drain, so the cost per request shrinks as
-traffic grows), and updates that version's monitor under its lock. When the
-queue is full the batch is dropped and counted, on the observer and on the
-monitor: the request is never delayed, and the report says how much it missed.
-Reports take the same lock, so they see whole batches only.
+are appended to a bounded deque (`submit`: one length check and one append,
+atomic under the GIL; it never blocks). A worker thread wakes every `interval`
+seconds, takes everything pending, joins the batches of each model version into
+one, and updates that version's monitor under its lock: one kernel call per
+version per interval however many requests came in, so the cost per request
+shrinks as traffic grows and the request path never wakes a thread. When the
+deque is full the batch is dropped and counted, on the observer and on the
+monitor; the request is never delayed, and the report says how much it missed.
+Reports take the monitor's lock too, so they see whole batches only.
 """
 
+import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +29,6 @@ from tidegate.drift import DriftMonitor
 log = logging.getLogger("tidegate.observer")
 
 Batch = tuple[DriftMonitor, dict[str, np.ndarray], dict[str, np.ndarray]]
-_STOP = object()
-_MAX_DRAIN = 256  # batches joined per drain at most
 
 
 @dataclass(slots=True, frozen=True)
@@ -40,61 +40,60 @@ class ObserverStatistics:
 
 
 class DriftObserver:
-    def __init__(self, capacity: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=capacity)
+    def __init__(
+        self,
+        capacity: int = 65_536,
+        interval: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pending: collections.deque[Batch] = collections.deque()
         self._capacity = capacity
+        self._interval = interval
         self._clock = clock
         self._observed = 0
         self._dropped = 0
+        self._stopping = threading.Event()
+        self._draining = threading.Lock()  # the worker and `drain` callers take turns
         self._thread = threading.Thread(target=self._run, name="tidegate-drift", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        """Applies what is queued, then ends the worker thread."""
+        """Applies what is pending, then ends the worker thread."""
+        self._stopping.set()
         if self._thread.is_alive():
-            self._queue.put(_STOP)
             self._thread.join()
+        self.drain()
 
     def submit(
         self, monitor: DriftMonitor, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
     ) -> None:
         """Offers a served batch; drops it (counted) rather than wait."""
-        try:
-            self._queue.put_nowait((monitor, inputs, outputs))
-        except queue.Full:
+        if len(self._pending) >= self._capacity:
             self._dropped += 1
             monitor.dropped += 1
+            return
+        self._pending.append((monitor, inputs, outputs))
 
     def statistics(self) -> ObserverStatistics:
-        return ObserverStatistics(
-            self._capacity, self._queue.qsize(), self._observed, self._dropped
-        )
+        return ObserverStatistics(self._capacity, len(self._pending), self._observed, self._dropped)
 
     def drain(self) -> None:
-        """Waits until every batch submitted so far is applied (for tests and reports
-        that must include the last request)."""
-        self._queue.join()
+        """Applies every batch submitted so far, now, on the calling thread."""
+        with self._draining:
+            batches = []
+            while self._pending:
+                batches.append(self._pending.popleft())
+            if batches:
+                self._apply(batches)
 
     def _run(self) -> None:
-        while True:
-            items = [self._queue.get()]
-            while len(items) < _MAX_DRAIN:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            batches = [item for item in items if item is not _STOP]
+        while not self._stopping.wait(self._interval):
             try:
-                self._apply(batches)  # type: ignore[arg-type]
+                self.drain()
             except Exception:  # a bug must not kill the thread that every version uses
                 log.exception("drift observation failed")
-            finally:
-                for _ in items:
-                    self._queue.task_done()
-            if len(batches) < len(items):
-                return
 
     def _apply(self, batches: list[Batch]) -> None:
         by_monitor: dict[int, list[Batch]] = {}

@@ -1,0 +1,129 @@
+"""What the inline drift statistics cost the server: throughput and latency with
+drift on and off, in one run, and the memory of the drift state per feature.
+
+Two `tidegate serve` subprocesses on 127.0.0.1 serve the same shipped models,
+one with `[drift] enabled = false` in every config.toml. The same lean HTTP
+client as bench_http.py drives breast_cancer v1 (the tabular model), one row
+per V2 JSON request, at concurrency 1 and 64; the two servers take turns
+(on, off, on, off) so that drifts of the machine hit both alike.
+
+    python benchmarks/bench_drift.py [--duration 5] [--rounds 2]
+"""
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_http import bench_http, first_row, free_port, infer_request
+from tidegate.config import ModelConfig
+from tidegate.registry import _build
+from tidegate.repository import scan_model
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+MODEL, VERSION = "breast_cancer", 1
+
+
+def serve(repository: Path, port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tidegate", "serve", str(repository), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    request = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if bench_http(port, request, 1, 0.05).requests:
+                return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("tidegate did not become ready")
+
+
+def without_drift(target: Path) -> Path:
+    shutil.copytree(MODELS, target)
+    for model in target.iterdir():
+        config = model / "config.toml"
+        text = config.read_text() if config.exists() else ""
+        config.write_text(text + "\n[drift]\nenabled = false\n")
+    return target
+
+
+def drift_bytes_per_feature() -> tuple[int, int]:
+    """Bytes of drift state (profile and windows) of the model version, per feature."""
+    source = scan_model(MODELS, MODEL)
+    deployment = _build(source, source.versions[VERSION])
+    monitor = deployment.drift
+    assert monitor is not None
+    assert monitor.input_profile is not None
+    arrays = [monitor.input_profile.edges, monitor.input_profile.lo, monitor.input_profile.hi]
+    arrays += [monitor.input_profile.mean, monitor.input_profile.std]
+    arrays += list(monitor.input_profile.reference.to_arrays().values())
+    for window in (monitor.windows()["inputs"], monitor._epoch["inputs"]):
+        arrays += list(window.to_arrays().values())
+    features = len(monitor.input_profile.names)
+    return sum(a.nbytes for a in arrays) // features, ModelConfig().drift.bins
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    request = infer_request(MODEL, VERSION, first_row(MODEL, VERSION), binary=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        ports = {"on": free_port(), "off": free_port()}
+        servers = {
+            "on": serve(MODELS, ports["on"]),
+            "off": serve(without_drift(Path(scratch) / "models"), ports["off"]),
+        }
+        try:
+            results: dict[tuple[str, int], list] = {}
+            for _ in range(args.rounds):
+                for conc in (1, 64):
+                    for mode in ("on", "off"):
+                        bench_http(ports[mode], request, conc, 0.5)  # warm
+                        result = bench_http(ports[mode], request, conc, args.duration)
+                        results.setdefault((mode, conc), []).append(result)
+        finally:
+            for server in servers.values():
+                server.terminate()
+                server.wait(30)
+    print(
+        f"# {MODEL} v{VERSION}, V2 JSON, 1 row per request, {args.rounds} rounds of "
+        f"{args.duration:g} s per cell\n"
+    )
+    print("| conc | drift | req/s | p50 ms | p99 ms | req/s on/off | p50 on/off |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    for conc in (1, 64):
+        rows = {}
+        for mode in ("on", "off"):
+            runs = results[(mode, conc)]
+            latencies = np.concatenate([r.latencies_ns for r in runs])
+            rps = sum(r.requests for r in runs) / sum(r.seconds for r in runs)
+            rows[mode] = (
+                rps,
+                np.percentile(latencies, 50) / 1e6,
+                np.percentile(latencies, 99) / 1e6,
+            )
+        for mode in ("on", "off"):
+            rps, p50, p99 = rows[mode]
+            ratio = f"{rows['on'][0] / rows['off'][0]:.3f}" if mode == "on" else ""
+            latency = f"{rows['on'][1] / rows['off'][1]:.3f}" if mode == "on" else ""
+            print(f"| {conc} | {mode} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {ratio} | {latency} |")
+    per_feature, bins = drift_bytes_per_feature()
+    print(
+        f"\nDrift state: {per_feature} bytes per feature ({bins} bins), "
+        f"{per_feature * 30 / 1024:.1f} KiB for the model's 30 input features."
+    )
+
+
+if __name__ == "__main__":
+    main()
