@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -94,6 +95,10 @@ def create_app(config: ServerConfig) -> InferRouter:
         if poller is not None:
             await poller.prime()
         await registry.load_all()
+        # Everything alive now (modules, sessions, profiles) lives as long as the server:
+        # keep it out of the collector's full passes, whose cost under load grows with
+        # every object they visit.
+        gc.freeze()
         observer.start()
         polling = None if poller is None else asyncio.create_task(poller.run())
         try:

@@ -27,6 +27,7 @@ Pure: no I/O and no clock of its own; time comes in as an argument. The caller
 serialises updates and reads (see `observer`).
 """
 
+import collections
 import math
 import threading
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from tidegate.config import DriftConfig
 from tidegate.protocol import TensorSpec
 
 EPOCH_SECONDS = 10.0
+# One served batch waiting for the observer: its input arrays, then its output arrays.
+Pending = tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]
 MIN_ROWS_PER_BIN = 5  # fewer than 5 * B rows in the window: insufficient data
 
 
@@ -286,9 +289,10 @@ class ClassOutput:
 
     def update(self, classes: Classes, array: np.ndarray) -> None:
         if self.kind == "argmax":
-            kernels.update_argmax(
-                np.ascontiguousarray(array), classes.counts, classes.confidence_sum
-            )
+            # float32 or float64 only: the dtypes compiled at load (FP16 is widened).
+            dtype = array.dtype if array.dtype in (np.float32, np.float64) else np.float64
+            scores = np.ascontiguousarray(array, dtype=dtype)
+            kernels.update_argmax(scores, classes.counts, classes.confidence_sum)
             return
         kernels.update_classes(self._indices(array), classes.counts)
 
@@ -486,6 +490,11 @@ class DriftMonitor:
         self._epoch_started = now
         self._epoch_rows = 0
         self.dropped = 0  # batches the observer could not take (counted by it)
+        # Batches served but not yet observed, in input_names / output_names order:
+        # filled by the request path, emptied by the observer's thread.
+        self.pending: collections.deque[Pending] = collections.deque()
+        self.input_names = tuple(spec.name for spec in inputs.specs)
+        self.output_names = tuple(spec.name for spec in output_specs)
         # Held by whoever updates or reads: the observer's thread and the report.
         self.lock = threading.Lock()
 
