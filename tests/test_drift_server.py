@@ -66,6 +66,13 @@ def test_reference_traffic_is_quiet_and_a_shift_is_named(models_dir: Path, start
     first = report["inputs"][0]
     assert first["mean_shift_sigma"] == pytest.approx(0.5, abs=0.05)
 
+    state = live.client.get("/v2/models/breast_cancer/versions/1/drift/state").json()
+    assert state["inputs"] == [f"input[{j}]" for j in range(30)]
+    counts = np.array(state["windows"]["inputs"]["counts"])
+    assert counts.shape == (30, 16)
+    np.testing.assert_allclose(counts.sum(axis=1), 852)  # every row, in one bin per feature
+    assert sorted(state["windows"]) == ["inputs", "label", "outputs", "probabilities"]
+
     both = live.client.get("/v2/models/breast_cancer/drift").json()
     assert [v["model_version"] for v in both["versions"]] == ["1", "2"]
     samples = {
@@ -104,6 +111,9 @@ def test_text_model_and_first_rows_as_reference(models_dir: Path, start_server):
     assert report["reference"]["source"] == "served"
     assert len(report["inputs"]) == 64
 
+    none = live.client.get("/v2/models/diabetes/versions/1/drift/state")
+    assert none.status_code == 404
+    assert "has no drift state" in none.json()["error"]
     assert live.client.get("/v2/models/diabetes/versions/1/drift").json() == {
         "model_name": "diabetes",
         "model_version": "1",

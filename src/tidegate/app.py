@@ -59,6 +59,7 @@ def _routes(plane: DataPlane) -> list[Route]:
         Route("/v2/repository/models/{model}/load", plane.repository_load, methods=["POST"]),
         Route("/v2/repository/models/{model}/unload", plane.repository_unload, methods=["POST"]),
     ]
+    routes.append(Route(f"{version}/drift/state", plane.drift_state, methods=["GET"]))
     for prefix in (model, version):
         routes += [
             Route(prefix, plane.model_metadata, methods=["GET"]),

@@ -67,6 +67,21 @@ class Deployment:
         # Triton's max_batch_size: 0 when the model has no batch axis.
         self.max_batch_size = self.config.batching.max_batch_size if self.model.meta.batched else 0
 
+    def drift_state(self) -> dict[str, object]:
+        """The raw drift state, to merge with other workers' or replicas' (see
+        `DriftMonitor.merge_snapshot`); NotFound when this version has none yet."""
+        if self.drift is None or not self.drift.ready:
+            raise NotFound(f"model '{self.name}' version {self.version} has no drift state")
+        with self.drift.lock:
+            windows = self.drift.snapshot()
+        return {
+            "model_name": self.name,
+            "model_version": self.version_label,
+            "inputs": list(self.drift.inputs.names),
+            "outputs": list(self.drift.outputs.names),
+            "windows": windows,
+        }
+
     def drift_report(self) -> dict[str, object]:
         """The version's drift report (blocking: numpy work under the monitor's lock)."""
         head: dict[str, object] = {"model_name": self.name, "model_version": self.version_label}

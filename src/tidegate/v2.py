@@ -146,6 +146,10 @@ class DataPlane:
         reports = await asyncio.to_thread(lambda: [d.drift_report() for d in deployments])
         return json_response({"model_name": name, "versions": reports})
 
+    async def drift_state(self, request: Request) -> Response:
+        """A version's raw drift state (sums and counts), for merging elsewhere."""
+        return json_response(await asyncio.to_thread(self._resolve(request).drift_state))
+
     # -- Triton's model repository extension ----------------------------------------
 
     async def repository_index(self, request: Request) -> Response:
