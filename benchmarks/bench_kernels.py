@@ -27,6 +27,7 @@ import numba
 import numpy as np
 
 from tidegate import kernels
+from tidegate.drift import Window
 
 FEATURES = 64
 BINS = 16
@@ -36,14 +37,7 @@ STATE = ("counts", "below", "above", "nonfinite", "n", "s1", "s2", "vmin", "vmax
 
 
 def fresh_state() -> dict[str, np.ndarray]:
-    return {
-        "counts": np.zeros((FEATURES, BINS), np.int64),
-        **{name: np.zeros(FEATURES, np.int64) for name in ("below", "above", "nonfinite", "n")},
-        "s1": np.zeros(FEATURES),
-        "s2": np.zeros(FEATURES),
-        "vmin": np.full(FEATURES, np.inf),
-        "vmax": np.full(FEATURES, -np.inf),
-    }
+    return Window.empty(FEATURES, BINS).to_arrays()
 
 
 def numpy_update(

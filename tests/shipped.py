@@ -57,6 +57,20 @@ def reference_rows(shipped: ShippedVersion, rows: int, start: int = 0) -> dict[s
     }
 
 
+def json_request(name: str, datatype: str, array: np.ndarray) -> dict[str, object]:
+    """A V2 JSON infer request body with one input."""
+    return {
+        "inputs": [
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": list(array.shape),
+                "data": array.ravel().tolist(),
+            }
+        ]
+    }
+
+
 def expected_outputs(
     shipped: ShippedVersion, feeds: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import LiveServer, free_port, serving_a_copy
-from tests.shipped import ShippedVersion, reference_rows
+from tests.shipped import ShippedVersion, json_request, reference_rows
 
 SHIPPED = [
     ("breast_cancer", "1"),
@@ -165,16 +165,7 @@ def test_help_names_the_options():
 
 def test_drift_prints_the_report(live: LiveServer):
     rows = reference_rows(ShippedVersion("diabetes", 1), 200)["input"]
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP64",
-                "shape": list(rows.shape),
-                "data": rows.ravel().tolist(),
-            }
-        ]
-    }
+    body = json_request("input", "FP64", rows)
     assert live.client.post("/v2/models/diabetes/infer", json=body).status_code == 200
     deadline = time.monotonic() + 20  # the drift observer applies the batch off the request path
     while (

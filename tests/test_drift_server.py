@@ -9,24 +9,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LiveServer
-from tests.shipped import ShippedVersion, reference_rows
+from tests.shipped import ShippedVersion, json_request, reference_rows
 
 BREAST_CANCER = ShippedVersion("breast_cancer", 1)
 
 
 def _send(live: LiveServer, path: str, rows: np.ndarray, batch: int = 50) -> None:
     for start in range(0, len(rows), batch):
-        part = rows[start : start + batch]
-        body = {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "FP32",
-                    "shape": list(part.shape),
-                    "data": part.ravel().tolist(),
-                }
-            ]
-        }
+        body = json_request("input", "FP32", rows[start : start + batch])
         response = live.client.post(f"/v2/models/{path}/infer", json=body)
         assert response.status_code == 200, response.text
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import LiveServer
-from tests.shipped import ShippedVersion, expected_outputs, reference_rows
+from tests.shipped import ShippedVersion, expected_outputs, json_request, reference_rows
 
 SWAPS = 20
 CLIENTS = 16
@@ -39,17 +39,7 @@ def swap_repository(tmp_path: Path) -> Path:
 
 
 def _body(rows: dict[str, np.ndarray]) -> dict:
-    array = rows["input"]
-    return {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": list(array.shape),
-                "data": array.ravel().tolist(),
-            }
-        ]
-    }
+    return json_request("input", "FP32", rows["input"])
 
 
 def test_twenty_swaps_under_load_lose_nothing(swap_repository: Path, start_server):

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tidegate import kernels
+from tidegate.drift import Window
 
 DTYPES = st.sampled_from([np.float32, np.float64])
 SEEDS = st.integers(0, 2**32 - 1)
@@ -21,14 +22,7 @@ STATE = ("counts", "below", "above", "nonfinite", "n", "s1", "s2", "vmin", "vmax
 
 
 def fresh_state(features: int, bins: int) -> dict[str, np.ndarray]:
-    return {
-        "counts": np.zeros((features, bins), np.int64),
-        **{name: np.zeros(features, np.int64) for name in ("below", "above", "nonfinite", "n")},
-        "s1": np.zeros(features),
-        "s2": np.zeros(features),
-        "vmin": np.full(features, np.inf),
-        "vmax": np.full(features, -np.inf),
-    }
+    return Window.empty(features, bins).to_arrays()
 
 
 def update(x, reference, state) -> None:
