@@ -425,7 +425,9 @@ def feature_report(
     return report
 
 
-def class_report(output: ClassOutput, classes: Classes, config: DriftConfig) -> dict[str, object]:
+def class_report(
+    output: ClassOutput, classes: Classes, config: DriftConfig, tests: int
+) -> dict[str, object]:
     """Class shares against the reference's: PSI, p-value and mean confidence."""
     reference = output.reference
     ref_rows, rows = float(reference.counts.sum()), float(classes.counts.sum())
@@ -450,7 +452,7 @@ def class_report(output: ClassOutput, classes: Classes, config: DriftConfig) -> 
                 strict=True,
             )
         ),
-        "verdict": _gated(value, p_value, rows, 1, len(output.reference.labels), config),
+        "verdict": _gated(value, p_value, rows, tests, len(output.reference.labels), config),
     }
     if output.kind == "argmax":
         report["mean_confidence"] = _safe(float(classes.confidence_sum[0]) / rows) if rows else None
@@ -605,7 +607,7 @@ class DriftMonitor:
             if self.output_profile
             else []
         )
-        classes = [class_report(o, windows[o.name], self.config) for o in self.classes]
+        classes = [class_report(o, windows[o.name], self.config, tests) for o in self.classes]
         profile = self.input_profile or self.output_profile
         assert profile is not None
         return {
