@@ -61,7 +61,12 @@ def test_reference_traffic_is_quiet_and_a_shift_is_named(models_dir: Path, start
     counts = np.array(state["windows"]["inputs"]["counts"])
     assert counts.shape == (30, 16)
     np.testing.assert_allclose(counts.sum(axis=1), 852)  # every row, in one bin per feature
-    assert sorted(state["windows"]) == ["inputs", "label", "outputs", "probabilities"]
+    assert sorted(state["windows"]) == [
+        "classes/label",
+        "classes/probabilities",
+        "inputs",
+        "outputs",
+    ]
 
     both = live.client.get("/v2/models/breast_cancer/drift").json()
     assert [v["model_version"] for v in both["versions"]] == ["1", "2"]

@@ -287,6 +287,11 @@ class ClassOutput:
         output.update(output.reference, reference)
         return output
 
+    @property
+    def key(self) -> str:
+        """Its window's name, apart from the "inputs" and "outputs" feature windows."""
+        return f"classes/{self.name}"
+
     def update(self, classes: Classes, array: np.ndarray) -> None:
         if self.kind == "argmax":
             # float32 or float64 only: the dtypes compiled at load (FP16 is widened).
@@ -534,7 +539,7 @@ class DriftMonitor:
             if profile is not None:
                 windows[key] = Window.empty(len(profile.names), profile.bins)
         for output in self.classes:
-            windows[output.name] = output.reference.empty()
+            windows[output.key] = output.reference.empty()
         return windows
 
     def observe(
@@ -555,7 +560,7 @@ class DriftMonitor:
             self.output_profile.update(self._epoch["outputs"], matrix)
             rows = rows or len(matrix)
         for output in self.classes:
-            output.update(self._epoch[output.name], outputs[output.name])
+            output.update(self._epoch[output.key], outputs[output.name])
         self._epoch_rows += rows
 
     def _collect(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
@@ -607,7 +612,7 @@ class DriftMonitor:
             if self.output_profile
             else []
         )
-        classes = [class_report(o, windows[o.name], self.config, tests) for o in self.classes]
+        classes = [class_report(o, windows[o.key], self.config, tests) for o in self.classes]
         profile = self.input_profile or self.output_profile
         assert profile is not None
         return {
