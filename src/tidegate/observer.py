@@ -4,19 +4,15 @@ request path.
 Theory of operation
 -------------------
 After a response is handed back, the request's input and output arrays are
-appended, as a tuple of arrays, to the pending deque of that version's monitor
-(`submit`: a length check and an append, atomic under the GIL; it never
-blocks). A worker thread wakes every `interval` seconds, takes everything
-pending, joins each version's batches into one, and updates that version's
-monitor under its lock: one kernel call per version per interval however many
-requests came in, so the request path never wakes a thread. When a monitor's
-deque is full the batch is dropped and counted: the request is never delayed,
-and the report says how much it missed. Reports take the monitor's lock too,
-so they see whole batches only.
-
-Pending batches are tuples of numpy arrays, which the garbage collector stops
-tracking: thousands of them waiting must not make every collection visit them
-(measured: dicts here cost the server ~10 % of its throughput at concurrency 64).
+appended to its version's `PendingBatches` (`submit`: a few list appends under a
+lock nobody holds for long; it never blocks on work). A worker thread wakes
+every `interval` seconds, takes everything pending, joins each version's
+batches into one, and updates that version's monitor under its lock: one
+kernel call per version per interval however many requests came in, so the
+request path never wakes a thread. When a version has `capacity` batches
+waiting, the batch is dropped and counted: the request is never delayed, and
+the report says how much it missed. Reports take the monitor's lock too, so
+they see whole batches only.
 """
 
 import logging
@@ -27,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tidegate.drift import DriftMonitor, Pending
+from tidegate.drift import DriftMonitor
 
 log = logging.getLogger("tidegate.observer")
 
@@ -44,7 +40,10 @@ class DriftObserver:
     def __init__(
         self,
         capacity: int = 65_536,
-        interval: float = 0.1,
+        # Seconds between drains. Each drain costs the event loop a few GIL hand-offs
+        # whatever its size: 0.01 s cost 12 % of throughput at concurrency 64, 0.1 s
+        # about 6 %, 0.5 s about 3 % (benchmarks/bench_drift.py); reports lag by it.
+        interval: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._active: set[DriftMonitor] = set()  # monitors that may have batches pending
@@ -71,16 +70,12 @@ class DriftObserver:
         self, monitor: DriftMonitor, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
     ) -> None:
         """Offers a served batch; drops it (counted) rather than wait."""
-        if len(monitor.pending) >= self._capacity:
+        arrays = [inputs[name] for name in monitor.input_names]
+        arrays += [outputs[name] for name in monitor.output_names]
+        if not monitor.pending.append(arrays, self._capacity):
             self._dropped += 1
             monitor.dropped += 1
             return
-        monitor.pending.append(
-            (
-                tuple(inputs[name] for name in monitor.input_names),
-                tuple(outputs[name] for name in monitor.output_names),
-            )
-        )
         self._active.add(monitor)
 
     def statistics(self) -> ObserverStatistics:
@@ -95,11 +90,9 @@ class DriftObserver:
                 # adds the monitor back (submit appends, then adds), so none is lost,
                 # and an unloaded version's monitor is not kept alive here.
                 self._active.discard(monitor)
-                batches = []
-                while monitor.pending:
-                    batches.append(monitor.pending.popleft())
-                if batches:
-                    self._apply(monitor, batches)
+                taken = monitor.pending.take()
+                if taken and taken[0]:
+                    self._apply(monitor, taken)
 
     def _run(self) -> None:
         while not self._stopping.wait(self._interval):
@@ -108,15 +101,11 @@ class DriftObserver:
             except Exception:  # a bug must not kill the thread that every version uses
                 log.exception("drift observation failed")
 
-    def _apply(self, monitor: DriftMonitor, batches: list[Pending]) -> None:
-        inputs = _joined(monitor.input_names, [batch[0] for batch in batches])
-        outputs = _joined(monitor.output_names, [batch[1] for batch in batches])
+    def _apply(self, monitor: DriftMonitor, taken: list[list[np.ndarray]]) -> None:
+        joined = [arrays[0] if len(arrays) == 1 else np.concatenate(arrays) for arrays in taken]
+        split = len(monitor.input_names)
+        inputs = dict(zip(monitor.input_names, joined[:split], strict=True))
+        outputs = dict(zip(monitor.output_names, joined[split:], strict=True))
         with monitor.lock:
             monitor.observe(inputs, outputs, self._clock())
-        self._observed += len(batches)
-
-
-def _joined(names: tuple[str, ...], parts: list[tuple[np.ndarray, ...]]) -> dict[str, np.ndarray]:
-    if len(parts) == 1:
-        return dict(zip(names, parts[0], strict=True))
-    return {name: np.concatenate([part[i] for part in parts]) for i, name in enumerate(names)}
+        self._observed += len(taken[0])
