@@ -45,7 +45,6 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: tuple[RequestedOutput, ...]  # empty: every output, in model order
     binary_output: bool  # `binary_data_output`: the default for outputs that do not say
-    parameters: dict[str, Any]
 
 
 def _shape(spec: TensorSpec, raw: object) -> tuple[int, ...]:
@@ -301,7 +300,6 @@ def decode_request(
         inputs=arrays,
         outputs=_requested_outputs(request.get("outputs"), meta, binary_output),
         binary_output=binary_output,
-        parameters=parameters,
     )
 
 
