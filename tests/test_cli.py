@@ -16,7 +16,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_version_and_help():
     assert _run("--version").stdout.strip() == f"tidegate, version {__version__}"
     help_text = _run("serve", "--help").stdout
-    for option in ("--host", "--port", "--max-body-size", "--threads", "--max-pending"):
+    for option in ("--host", "--port", "--max-body-size", "--threads"):
         assert option in help_text
 
 

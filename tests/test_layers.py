@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tidegate"
 LAYERS = {
     0: {"__init__", "errors", "config", "protocol", "stats", "kernels"},
     1: {"codec", "runtime", "repository", "executor", "drift"},
-    2: {"registry", "poller", "observer"},
+    2: {"batcher", "registry", "poller", "observer"},
     3: {"infer", "v2", "app", "client", "metrics"},
     4: {"server", "cli", "__main__"},
 }

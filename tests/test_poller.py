@@ -10,12 +10,13 @@ from pathlib import Path
 
 import httpx
 
+from tidegate.executor import InferenceExecutor
 from tidegate.poller import RepositoryPoller
 from tidegate.registry import Registry
 
 
 def _started(models_dir: Path) -> tuple[Registry, RepositoryPoller]:
-    registry = Registry(models_dir)
+    registry = Registry(models_dir, InferenceExecutor(1))
     poller = RepositoryPoller(registry, interval=1.0)
 
     async def start() -> None:

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 from tidegate.errors import NotFound
+from tidegate.executor import InferenceExecutor
 from tidegate.registry import Registry
 
 
 def _loaded(models_dir: Path) -> Registry:
-    registry = Registry(models_dir)
+    registry = Registry(models_dir, InferenceExecutor(1))
     asyncio.run(registry.load_all())
     return registry
 

@@ -166,8 +166,9 @@ def test_failed_load_leaves_the_serving_version(models_dir: Path, start_server):
     assert digits == {("1", "READY"), ("2", "UNAVAILABLE")}
 
 
-def _slow_repository(root: Path) -> Path:
+def _slow_repository(root: Path, config: str = "") -> Path:
     onnx_models.save(onnx_models.slow(), root, "slow")
+    (root / "slow" / "config.toml").write_text(config)
     return root
 
 
@@ -181,7 +182,8 @@ def _slow_request(base: str, results: list, index: int) -> None:
 
 
 def test_overload_answers_503_with_retry_after(tmp_path: Path, start_server):
-    live = start_server(_slow_repository(tmp_path / "repo"), "--threads", "1", "--max-pending", "1")
+    repository = _slow_repository(tmp_path / "repo", "[batching]\nmax_queue_size = 1\n")
+    live = start_server(repository, "--threads", "1")
     results: list = [None] * 4
     threads = [
         threading.Thread(target=_slow_request, args=(live.base, results, i)) for i in range(4)
@@ -195,7 +197,7 @@ def test_overload_answers_503_with_retry_after(tmp_path: Path, start_server):
     assert 503 in statuses
     refused = next(r for r in results if r[0] == 503)
     assert refused[1]["retry-after"] == "1"
-    assert "already waiting" in refused[2]["error"]
+    assert "already waiting for this model version" in refused[2]["error"]
 
 
 def test_graceful_shutdown_finishes_requests_in_flight(tmp_path: Path, start_server):

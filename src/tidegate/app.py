@@ -76,8 +76,8 @@ def create_app(config: ServerConfig) -> InferRouter:
 
     Inference requests are answered by `InferRouter`, a pure ASGI app in front of
     Starlette; Starlette serves the rest (and runs the lifespan)."""
-    registry = Registry(config.repository)
-    executor = InferenceExecutor(config.executor_threads, config.max_pending)
+    executor = InferenceExecutor(config.executor_threads)
+    registry = Registry(config.repository, executor)
     observer = DriftObserver()
     plane = DataPlane(registry, executor, config.max_body_bytes)
     metrics = collectors(registry, observer)
@@ -122,4 +122,4 @@ def create_app(config: ServerConfig) -> InferRouter:
             Exception: _unexpected_error,
         },
     )
-    return InferRouter(app, registry, executor, observer, config.max_body_bytes)
+    return InferRouter(app, registry, observer, config.max_body_bytes)

@@ -64,13 +64,6 @@ def main() -> None:
     help="Inference threads (default: one per CPU core).",
 )
 @click.option(
-    "--max-pending",
-    default=1024,
-    show_default=True,
-    type=click.IntRange(1),
-    help="Inferences that may wait for a thread before new ones get 503.",
-)
-@click.option(
     "--poll-interval",
     type=click.FloatRange(min=0.05),
     default=None,
@@ -90,7 +83,6 @@ def serve(
     port: int,
     max_body_size: int,
     threads: int | None,
-    max_pending: int,
     poll_interval: float | None,
     access_log: bool,
     log_level: str,
@@ -104,7 +96,6 @@ def serve(
         host=host,
         port=port,
         max_body_bytes=max_body_size,
-        max_pending=max_pending,
         poll_interval=poll_interval,
         log_level=log_level,
         **({} if threads is None else {"executor_threads": threads}),

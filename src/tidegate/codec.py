@@ -45,6 +45,7 @@ class InferRequest:
     inputs: dict[str, np.ndarray]
     outputs: tuple[RequestedOutput, ...]  # empty: every output, in model order
     binary_output: bool  # `binary_data_output`: the default for outputs that do not say
+    timeout_us: int | None  # the `timeout` parameter: how long it may wait to run
 
 
 def _shape(spec: TensorSpec, raw: object) -> tuple[int, ...]:
@@ -300,7 +301,18 @@ def decode_request(
         inputs=arrays,
         outputs=_requested_outputs(request.get("outputs"), meta, binary_output),
         binary_output=binary_output,
+        timeout_us=_timeout(parameters),
     )
+
+
+def _timeout(parameters: dict[str, Any]) -> int | None:
+    """Triton's `timeout` request parameter, in microseconds; 0 means none, as in Triton."""
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return None
+    if type(timeout) is not int or timeout < 0:
+        raise BadRequest(f"parameter 'timeout' must be a number of microseconds, not {timeout!r}")
+    return timeout or None
 
 
 def _check_batch(arrays: dict[str, np.ndarray], meta: ModelMetadata, max_batch_size: int) -> None:

@@ -17,6 +17,7 @@ from tidegate.errors import ConfigError
 # on a small machine: parallelism comes from serving many requests at once.
 DEFAULT_INTRA_OP_THREADS = 1
 DEFAULT_MAX_BATCH_SIZE = 256
+DEFAULT_MAX_QUEUE_SIZE = 1024
 DEFAULT_INLINE_BELOW_US = 50
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
@@ -42,9 +43,17 @@ class VersionPolicy:
 
 @dataclass(slots=True, frozen=True)
 class BatchingConfig:
-    """`max_batch_size` caps the rows of one request (Triton semantics; 0 = no batch axis)."""
+    """How a version's requests queue and merge into batches (Triton's dynamic batching)."""
 
+    # The most rows of one request, and of one merged batch (0 = the model has no batch axis).
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    # Merge queued requests into one run; false runs every request alone.
+    dynamic: bool = True
+    # How long the first request of a batch may wait for more to arrive. 0, as in Triton:
+    # never wait, take what is queued.
+    max_queue_delay_us: int = 0
+    # Requests that may wait for a run, per version, before new ones are answered 503.
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
 
 
 @dataclass(slots=True, frozen=True)
@@ -99,10 +108,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 64 * 1024 * 1024
-    # Threads that run onnxruntime; each runs one inference at a time.
+    # Threads that run onnxruntime; each runs one batch at a time.
     executor_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
-    # Inferences that may wait for a thread before new ones get 503.
-    max_pending: int = 1024
     # Seconds between scans of the repository for new, changed or removed versions;
     # None: models change only through the repository API.
     poll_interval: float | None = None
@@ -182,9 +189,7 @@ def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
     sections = {name: _Section(path, name, data.get(name, {})) for name in known}
 
     versions = _version_policy(sections["versions"])
-    batching = BatchingConfig(
-        sections["batching"].count("max_batch_size", DEFAULT_MAX_BATCH_SIZE, 0)
-    )
+    batching = _batching(sections["batching"])
     rt = sections["runtime"]
     runtime = RuntimeConfig(
         intra_op_threads=rt.count("intra_op_threads", DEFAULT_INTRA_OP_THREADS, 0),
@@ -199,6 +204,16 @@ def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
     for section in sections.values():
         section.done()
     return ModelConfig(versions, batching, runtime, validation, drift)
+
+
+def _batching(section: _Section) -> BatchingConfig:
+    default = BatchingConfig()
+    return BatchingConfig(
+        max_batch_size=section.count("max_batch_size", default.max_batch_size, 0),
+        dynamic=section.get("dynamic", bool, default.dynamic),
+        max_queue_delay_us=section.count("max_queue_delay_us", default.max_queue_delay_us, 0),
+        max_queue_size=section.count("max_queue_size", default.max_queue_size, 1),
+    )
 
 
 def _drift(section: _Section) -> DriftConfig:

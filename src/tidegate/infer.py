@@ -3,7 +3,7 @@
 `InferRouter` sits in front of the Starlette application. `POST .../infer` is
 recognised by splitting the path once and answered here; every other request
 goes on to Starlette. Per request this does one body read, one decode, one run
-(inline or on the thread pool, see `InferenceExecutor.run`), one encode and two
+(as part of a batch, see `Batcher`), one encode and two
 ASGI sends, and records Triton's statistics.
 """
 
@@ -12,7 +12,6 @@ import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -21,7 +20,6 @@ import orjson
 
 from tidegate import codec
 from tidegate.errors import BadRequest, MethodNotAllowed, Overloaded, TidegateError, TooLarge
-from tidegate.executor import InferenceExecutor
 from tidegate.observer import DriftObserver
 from tidegate.registry import Deployment, Registry
 from tidegate.stats import Timings
@@ -122,13 +120,11 @@ class InferRouter:
         self,
         app: ASGIApp,
         registry: Registry,
-        executor: InferenceExecutor,
         observer: DriftObserver,
         max_body: int,
     ) -> None:
         self.app = app
         self.registry = registry
-        self.executor = executor
         self.observer = observer
         self.max_body = max_body
 
@@ -152,9 +148,12 @@ class InferRouter:
             status, headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
             body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
         await _respond(send, status, headers, body)
-        # Only now, with the answer handed back: the drift statistics, off this thread.
-        if served is not None and served.deployment.drift is not None:
-            self.observer.submit(served.deployment.drift, served.inputs, served.outputs)
+        # Only now, with the answer handed back: the drift statistics of the whole batch,
+        # off this thread (one request of each batch carries them).
+        if served is not None and served.observed is not None:
+            drift = served.deployment.drift
+            if drift is not None:
+                self.observer.submit(drift, *served.observed)
 
     async def _infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
@@ -198,22 +197,19 @@ class InferRouter:
         first = next(iter(decoded.inputs.values()))
         rows = first.shape[0] if deployment.max_batch_size and first.ndim else 1
         decoded_at = time.perf_counter_ns()
-        timed = await self.executor.run(
-            partial(model.run, decoded.inputs, rows),
-            inline=model.predicted_ns(rows) < deployment.inline_below_ns,
-        )
+        result = await deployment.batcher.infer(decoded.inputs, rows, decoded.timeout_us)
         encode_start = time.perf_counter_ns()
         payload, json_length = codec.encode_response(
-            deployment.name, deployment.version_label, decoded, timed.value, model.meta
+            deployment.name, deployment.version_label, decoded, result.outputs, model.meta
         )
         finished = time.perf_counter_ns()
         deployment.stats.record_success(
             rows,
             Timings(
                 total=finished - started,
-                queue=timed.queue_ns,
+                queue=result.queue_ns,
                 compute_input=decoded_at - decode_start,
-                compute_infer=timed.run_ns,
+                compute_infer=result.run_ns,
                 compute_output=finished - encode_start,
             ),
             time.monotonic_ns(),
@@ -223,7 +219,7 @@ class InferRouter:
         else:
             length_header = (b"inference-header-content-length", str(json_length).encode())
             headers = [_BINARY_TYPE, deployment.version_header, length_header]
-        return _Served(headers, payload, deployment, decoded.inputs, timed.value)
+        return _Served(headers, payload, deployment, result.observed)
 
 
 @dataclass(slots=True, frozen=True)
@@ -233,5 +229,4 @@ class _Served:
     headers: list[tuple[bytes, bytes]]
     body: bytes
     deployment: Deployment
-    inputs: dict[str, np.ndarray]
-    outputs: dict[str, np.ndarray]
+    observed: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None

@@ -20,14 +20,16 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from tidegate.batcher import Batcher
 from tidegate.config import DriftConfig, ModelConfig
 from tidegate.drift import DriftMonitor, FeatureMap, prepare_kernels
 from tidegate.errors import BadRequest, ModelLoadError, NotFound, TidegateError
+from tidegate.executor import InferenceExecutor
 from tidegate.repository import (
     Fingerprint,
     ModelSource,
@@ -53,19 +55,26 @@ class Deployment:
     fingerprint: Fingerprint  # of the version's files when they were read
     memory_bytes: int | None  # growth of the process's RSS while loading it
     drift: DriftMonitor | None  # None when [drift] enabled = false
+    executor: InitVar[InferenceExecutor]
     stats: VersionStats = field(default_factory=VersionStats)
     version_label: str = field(init=False)
     version_header: tuple[bytes, bytes] = field(init=False)
-    inline_below_ns: int = field(init=False)
     max_batch_size: int = field(init=False)
+    batcher: Batcher = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, executor: InferenceExecutor) -> None:
         # Computed once: the hot path reads these on every request.
         self.version_label = str(self.version)
         self.version_header = (b"tidegate-model-version", self.version_label.encode())
-        self.inline_below_ns = self.config.runtime.inline_below_us * 1000
         # Triton's max_batch_size: 0 when the model has no batch axis.
         self.max_batch_size = self.config.batching.max_batch_size if self.model.meta.batched else 0
+        self.batcher = Batcher(
+            self.model,
+            self.config.batching,
+            executor,
+            self.stats,
+            self.config.runtime.inline_below_us * 1000,
+        )
 
     def drift_state(self) -> dict[str, object]:
         """The raw drift state, to merge with other workers' or replicas' (see
@@ -106,7 +115,7 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _build(source: ModelSource, version: VersionSource) -> Deployment:
+def _build(source: ModelSource, version: VersionSource, executor: InferenceExecutor) -> Deployment:
     """Loads and warms one version (blocking: runs on a loader thread)."""
     with _BUILD_LOCK:
         before = _rss_bytes()
@@ -117,7 +126,14 @@ def _build(source: ModelSource, version: VersionSource) -> Deployment:
         after = _rss_bytes()
     memory = None if before is None or after is None else max(after - before, 0)
     return Deployment(
-        source.name, version.version, model, source.config, version.fingerprint, memory, drift
+        source.name,
+        version.version,
+        model,
+        source.config,
+        version.fingerprint,
+        memory,
+        drift,
+        executor,
     )
 
 
@@ -190,8 +206,9 @@ def _parse_version(name: str, version: str) -> int:
 
 
 class Registry:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, executor: InferenceExecutor) -> None:
         self.root = root
+        self._executor = executor  # where the versions' batches run
         self._models: dict[str, dict[int, Deployment]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._problems: dict[str, str] = {}  # model name -> why it is not serving
@@ -291,7 +308,9 @@ class Registry:
                     if reuse_unchanged and _unchanged(serving.get(v.version), source, v)
                 }
                 to_build = [v for v in wanted if v.version not in kept]
-                built = await asyncio.to_thread(lambda: [_build(source, v) for v in to_build])
+                built = await asyncio.to_thread(
+                    lambda: [_build(source, v, self._executor) for v in to_build]
+                )
                 _check_inputs(name, built, serving[max(serving)] if serving else None)
             except BadRequest as exc:
                 self._problems[name] = exc.message

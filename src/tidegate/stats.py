@@ -26,7 +26,7 @@ class Duration:
 
 @dataclass(slots=True)
 class BatchStats:
-    """Compute times of the executions that ran one batch size."""
+    """Compute times of the executions (model runs) of one batch size."""
 
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
@@ -53,25 +53,31 @@ class VersionStats:
     compute_infer: Duration = field(default_factory=Duration)
     compute_output: Duration = field(default_factory=Duration)
     inference_count: int = 0  # rows inferred (Triton counts each batch element)
-    execution_count: int = 0  # model executions
+    execution_count: int = 0  # model runs: one per batch
     batches: dict[int, BatchStats] = field(default_factory=dict)
     last_inference_ns: int | None = None  # on the monotonic clock
 
     def record_success(self, rows: int, timings: Timings, now_ns: int) -> None:
+        """One request answered: its own times (a batch's run counts for each of its
+        requests, as in Triton)."""
         self.success.add(timings.total)
         self.queue.add(timings.queue)
         self.compute_input.add(timings.compute_input)
         self.compute_infer.add(timings.compute_infer)
         self.compute_output.add(timings.compute_output)
         self.inference_count += rows
+        self.last_inference_ns = now_ns
+
+    def record_execution(self, rows: int, merge_ns: int, run_ns: int, split_ns: int) -> None:
+        """One model run of `rows` rows: joining its requests' inputs, the run, and
+        slicing the outputs back apart (Triton's per-batch-size statistics)."""
         self.execution_count += 1
         batch = self.batches.get(rows)
         if batch is None:
             batch = self.batches[rows] = BatchStats()
-        batch.compute_input.add(timings.compute_input)
-        batch.compute_infer.add(timings.compute_infer)
-        batch.compute_output.add(timings.compute_output)
-        self.last_inference_ns = now_ns
+        batch.compute_input.add(merge_ns)
+        batch.compute_infer.add(run_ns)
+        batch.compute_output.add(split_ns)
 
     def record_failure(self, total_ns: int, now_ns: int) -> None:
         self.fail.add(total_ns)

@@ -122,7 +122,7 @@ class DataPlane:
         return json_response({"name": deployment.name, "ready": True})
 
     async def model_config(self, request: Request) -> Response:
-        threads = self.executor.statistics().threads
+        threads = self.executor.threads
         return json_response(_triton_config(self._resolve(request), threads))
 
     async def model_stats(self, request: Request) -> Response:
