@@ -122,6 +122,8 @@ def test_model_config_in_triton_form(triton):
     assert config["input"] == [{"name": "input", "data_type": "TYPE_FP32", "dims": [30]}]
     assert config["output"][0] == {"name": "label", "data_type": "TYPE_INT64", "dims": []}
     assert config["output"][1]["dims"] == [2]
+    assert config["dynamic_batching"]["max_queue_delay_microseconds"] == 0
+    assert config["dynamic_batching"]["default_queue_policy"]["max_queue_size"] == 1024
     text = triton.get_model_config("dataset_topic")
     assert text["input"] == [{"name": "text", "data_type": "TYPE_STRING", "dims": [1]}]
 
@@ -151,8 +153,18 @@ def test_repository_index_lists_every_version(triton):
     }
 
 
-def test_burst_of_200_concurrent_requests(server: LiveServer):
+def _digits_stats(server: LiveServer) -> dict:
+    return server.client.get("/v2/models/digits/versions/1/stats").json()["model_stats"][0]
+
+
+def _rows_run(stats: dict) -> int:
+    return sum(b["batch_size"] * b["compute_infer"]["count"] for b in stats["batch_stats"])
+
+
+def test_burst_of_200_concurrent_requests_is_batched(server: LiveServer):
+    """Concurrent requests of mixed row counts join into batches, and each gets its own rows."""
     shipped = ShippedVersion("digits", 1)
+    before = _digits_stats(server)
 
     async def burst() -> None:
         client = aioclient.InferenceServerClient(server.url, conn_limit=200)
@@ -176,3 +188,10 @@ def test_burst_of_200_concurrent_requests(server: LiveServer):
 
     asyncio.run(burst())
     assert server.client.get("/v2/health/ready").status_code == 200
+    after = _digits_stats(server)
+    rows = sum(1 + i % 5 for i in range(200))
+    assert after["inference_count"] - before["inference_count"] == rows
+    assert _rows_run(after) - _rows_run(before) == rows  # every row ran exactly once
+    executions = after["execution_count"] - before["execution_count"]
+    print(f"200 requests ran in {executions} batches")
+    assert executions < 200  # requests that arrived together were joined

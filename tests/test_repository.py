@@ -5,7 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tidegate.config import DriftConfig, ModelConfig, VersionPolicy, load_model_config
+from tidegate.config import (
+    BatchingConfig,
+    DriftConfig,
+    ModelConfig,
+    VersionPolicy,
+    load_model_config,
+)
 from tidegate.errors import ConfigError, ModelLoadError, NotFound
 from tidegate.repository import load_reference, scan, scan_model
 
@@ -89,6 +95,9 @@ def test_config_keys(tmp_path: Path):
         policy = [2, 1]
         [batching]
         max_batch_size = 8
+        dynamic = false
+        max_queue_delay_us = 500
+        max_queue_size = 16
         [runtime]
         intra_op_threads = 2
         inter_op_threads = 1
@@ -108,7 +117,7 @@ def test_config_keys(tmp_path: Path):
         """,
     )
     assert config.versions == VersionPolicy("specific", (1, 2))
-    assert config.batching.max_batch_size == 8
+    assert config.batching == BatchingConfig(8, False, 500, 16)
     assert config.runtime.intra_op_threads == 2
     assert config.runtime.graph_optimization == "basic"
     assert config.runtime.execution_mode == "parallel"
@@ -125,6 +134,9 @@ def test_config_keys(tmp_path: Path):
         ("[batching]\nmax_batch_size = 'big'\n", "batching.max_batch_size has the wrong type"),
         ("[batching]\nmax_batch_size = true\n", "batching.max_batch_size has the wrong type"),
         ("[batching]\nmax_batch_size = -1\n", "batching.max_batch_size must be >= 0"),
+        ("[batching]\ndynamic = 1\n", "batching.dynamic has the wrong type"),
+        ("[batching]\nmax_queue_delay_us = -1\n", "batching.max_queue_delay_us must be >= 0"),
+        ("[batching]\nmax_queue_size = 0\n", "batching.max_queue_size must be >= 1"),
         ("[versions]\npolicy = 'newest'\n", "versions.policy must be"),
         ("[versions]\npolicy = [0]\n", "positive version numbers"),
         ("[versions]\npolicy = []\n", "positive version numbers"),

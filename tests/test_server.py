@@ -200,6 +200,32 @@ def test_overload_answers_503_with_retry_after(tmp_path: Path, start_server):
     assert "already waiting for this model version" in refused[2]["error"]
 
 
+def test_a_request_past_its_timeout_gets_503_without_running(tmp_path: Path, start_server):
+    live = start_server(_slow_repository(tmp_path / "repo"), "--threads", "1")
+    results: list = [None]
+    thread = threading.Thread(target=_slow_request, args=(live.base, results, 0))
+    thread.start()
+    time.sleep(0.3)  # the slow request (about a second) now holds the only thread
+    body = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}],
+        "parameters": {"timeout": 100_000},
+    }
+    started = time.monotonic()
+    response = live.client.post("/v2/models/slow/infer", json=body)
+    waited = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {
+        "error": "the request waited its timeout of 100000 us without running"
+    }
+    assert waited < 0.5  # answered at its deadline, not when the thread came free
+    thread.join()
+    assert results[0][0] == 200
+    stats = live.client.get("/v2/models/slow/stats").json()["model_stats"][0]
+    assert stats["execution_count"] == 1  # the timed-out request never ran
+    assert stats["inference_stats"]["fail"]["count"] == 1
+
+
 def test_graceful_shutdown_finishes_requests_in_flight(tmp_path: Path, start_server):
     live = start_server(_slow_repository(tmp_path / "repo"))
     results: list = [None]

@@ -77,7 +77,7 @@ def _triton_config(deployment: Deployment, threads: int) -> dict[str, object]:
         "all": {"all": {}},
         "specific": {"specific": {"versions": list(policy.versions)}},
     }
-    return {
+    config: dict[str, object] = {
         "name": deployment.name,
         "platform": PLATFORM,
         "backend": "onnxruntime",
@@ -87,6 +87,17 @@ def _triton_config(deployment: Deployment, threads: int) -> dict[str, object]:
         "output": tensors(deployment.model.meta.outputs),
         "instance_group": [{"name": deployment.name, "kind": "KIND_CPU", "count": threads}],
     }
+    batching = deployment.config.batching
+    if batch and batching.dynamic:
+        config["dynamic_batching"] = {
+            "max_queue_delay_microseconds": batching.max_queue_delay_us,
+            "default_queue_policy": {
+                "timeout_action": "REJECT",
+                "allow_timeout_override": True,
+                "max_queue_size": batching.max_queue_size,
+            },
+        }
+    return config
 
 
 class DataPlane:
