@@ -8,7 +8,8 @@ worker, single-threaded sessions), one server at a time on 127.0.0.1, and drives
 model with wrk (`wrk -t1 -cC`, benchmarks/v2_request.lua), one row per request:
   * tidegate: V2 JSON and the binary tensor extension, dynamic batching off and on;
   * MLServer: V2 JSON (it has no binary protocol), adaptive batching off and on
-    (max_batch_size 64, max_batch_time 0.5 ms).
+    (max_batch_size 64, max_batch_time 0.5 ms); its fastest settings: parallel_workers 0
+    (inference in the server process), debug off (no access log), gzip and metrics off.
 Before measuring, one response of every model from every server (and protocol) is
 checked against onnxruntime run here; a mismatch aborts. Each cell gets a 1 s wrk
 warm-up first. It prints markdown tables: requests/s, rows/s, p50 and p99 per cell,
@@ -61,7 +62,9 @@ ROOT = BENCH.parent
 LUA_SCRIPT = BENCH / "v2_request.lua"
 WRK = "/usr/bin/wrk"
 TABULAR_SOURCE = ROOT / "models" / "breast_cancer" / "1" / "model.onnx"
+TABULAR_REFERENCE = TABULAR_SOURCE.with_name("reference.npz")  # its training features
 ALL_MODELS = ("tabular", "mlp", "mlp_small", "cnn")
+INPUT_SEEDS = {name: 100 + i for i, name in enumerate(ALL_MODELS)}  # same row whatever --models
 OPSET = 17
 ROWS_PER_REQUEST = 1
 MAX_BATCH_SIZE = 64
@@ -182,15 +185,26 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def _feature_scale(name: str) -> tuple[np.ndarray | float, np.ndarray | float]:
+    """Mean and std of random inputs: N(0, 1), but the tabular model's own feature scales
+    (with N(0, 1) its unscaled features saturate the logistic regression to 0 and 1)."""
+    if name != "tabular":
+        return 0.0, 1.0
+    with np.load(TABULAR_REFERENCE) as archive:
+        features = archive["input"]
+    return features.mean(axis=0), features.std(axis=0)
+
+
 def make_payload(name: str, path: Path, out: Path, seed: int) -> Payload:
     """Random batch-1 inputs; the JSON and binary bodies written to files for wrk."""
     session = _session(path)
     rng = np.random.default_rng(seed)
+    mean, std = _feature_scale(name)
     feeds: dict[str, np.ndarray] = {}
     json_inputs, binary_inputs, blobs = [], [], []
     for arg in session.get_inputs():
         shape = [ROWS_PER_REQUEST, *arg.shape[1:]]
-        array = rng.standard_normal(shape).astype(NUMPY_TYPES[V2_TYPES[arg.type]])
+        array = (mean + std * rng.standard_normal(shape)).astype(NUMPY_TYPES[V2_TYPES[arg.type]])
         feeds[arg.name] = array
         entry = {"name": arg.name, "shape": shape, "datatype": V2_TYPES[arg.type]}
         json_inputs.append({**entry, "data": array.ravel().tolist()})
@@ -220,6 +234,7 @@ class Server:
 
 
 def free_port() -> int:
+    """A port nothing listens on now (the OS's pick)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -251,6 +266,7 @@ def wait_ready(server: Server, models: list[str]) -> None:
 
 
 def log_tail(log: Path, lines: int = 30) -> str:
+    """The last lines of a server's log, for error messages."""
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
@@ -306,6 +322,7 @@ def _spawn(
 
 
 def start_tidegate(root: Path, models: dict[str, Path], batching: bool) -> Server:
+    """`python -m tidegate serve` (this interpreter) on a fresh repository and port."""
     repo = write_tidegate_repo(root, models, batching)
     port = free_port()
     command = [sys.executable, "-m", "tidegate", "serve", str(repo), "--host", "127.0.0.1"]
@@ -316,6 +333,7 @@ def start_tidegate(root: Path, models: dict[str, Path], batching: bool) -> Serve
 
 
 def start_mlserver(root: Path, models: dict[str, Path], batching: bool, python: str) -> Server:
+    """`mlserver start` in MLServer's venv, with mlserver_onnx.py on its PYTHONPATH."""
     port = free_port()
     repo = write_mlserver_repo(root, models, batching, port)
     # `python -m mlserver` does not exist in 1.7.1 (no __main__); call its CLI entry point.
@@ -331,6 +349,7 @@ def start_mlserver(root: Path, models: dict[str, Path], batching: bool, python: 
 def start_server(
     name: str, root: Path, models: dict[str, Path], batching: bool, mlserver_python: str
 ) -> Server:
+    """Spawns the named server; it is not ready yet (see `running`)."""
     if name == "tidegate":
         return start_tidegate(root, models, batching)
     return start_mlserver(root, models, batching, mlserver_python)
@@ -433,6 +452,8 @@ def check(server: Server, payload: Payload, binary: bool) -> None:
 
 @dataclass
 class Result:
+    """One measured cell, as wrk saw it."""
+
     model: str
     server: str
     protocol: str  # "JSON" | "binary"
@@ -532,6 +553,7 @@ def _row(r: Result) -> str:
 
 
 def machine(mlserver_python: str) -> str:
+    """CPU, cores and the versions of everything measured."""
     cpuinfo = Path("/proc/cpuinfo").read_text()
     cpu = next(
         (
@@ -664,7 +686,7 @@ def main() -> None:
     if not set(batching) <= {"off", "on"}:
         raise SystemExit("--batching takes off, on or off,on")
     started = time.monotonic()
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    command = shlex.join([sys.executable, *sys.argv])
     info = machine(args.mlserver_python)
     print(
         f"`{command}`\n\n{info}; {args.duration:g} s per cell after a {WARMUP_SECONDS:g} s "
@@ -676,7 +698,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench_vs_mlserver-"))
     try:
         paths = build_models(models, root / "onnx")
-        payloads = [make_payload(m, paths[m], root, seed=100 + i) for i, m in enumerate(models)]
+        payloads = [make_payload(m, paths[m], root, seed=INPUT_SEEDS[m]) for m in models]
         for mode in batching:
             for name in ("tidegate", "MLServer"):
                 server = start_server(name, root, paths, mode == "on", args.mlserver_python)
