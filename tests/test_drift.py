@@ -169,17 +169,26 @@ def test_reference_from_the_first_rows_served():
         config, FeatureMap.for_tensors((spec,), sample), FeatureMap((), ()), (), 0
     )
     rng = np.random.default_rng(3)
-    for _ in range(3):
-        monitor.observe({"x": rng.normal(size=(50, 3)).astype(np.float32)}, {}, 0.0)
+    batches = [rng.normal(size=(50, 3)).astype(np.float32) for _ in range(4)]
+    for batch in batches[:3]:
+        monitor.observe({"x": batch}, {}, 0.0)
     assert monitor.report(0.0) == {
         "state": "collecting_reference",
         "reference": {"source": "served", "rows": 150},
         "reference_rows_needed": 200,
     }
-    monitor.observe({"x": rng.normal(size=(50, 3)).astype(np.float32)}, {}, 0.0)
+    monitor.observe({"x": batches[3]}, {}, 0.0)
     report = monitor.report(0.0)
     assert report["state"] == "ready"
     assert report["reference"] == {"source": "served", "rows": 200}
+    # The same profile as from those 200 rows given as a reference at once.
+    direct = DriftMonitor(
+        config, FeatureMap.for_tensors((spec,), sample), FeatureMap((), ()), (), 0
+    )
+    direct.set_reference({"x": np.concatenate(batches)}, {}, "reference.npz")
+    served, given = monitor.input_profile, direct.input_profile
+    for part in ("edges", "lo", "hi", "mean", "std"):
+        np.testing.assert_array_equal(getattr(served, part), getattr(given, part))
 
 
 def test_feature_map_profiles_images_by_channel_and_text_by_length():

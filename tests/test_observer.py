@@ -1,5 +1,7 @@
 """The drift observer: off-path updates, joined batches, drops under overload."""
 
+import time
+
 import numpy as np
 
 from tidegate.config import DriftConfig
@@ -51,3 +53,29 @@ def test_a_full_queue_drops_and_counts_instead_of_waiting():
     observer.drain()
     observer.stop()
     assert monitor.windows()["inputs"].n.tolist() == [6, 6, 6, 6]
+
+
+def test_waiting_bytes_are_bounded_too():
+    monitor = _monitor(np.zeros((100, 4), dtype=np.float32))
+    observer = DriftObserver(max_bytes=100)  # not started; each batch below is 32 bytes
+    for _ in range(5):
+        observer.submit(monitor, {"x": np.ones((2, 4), dtype=np.float32)}, {})
+    assert observer.statistics().queued == 3
+    assert observer.statistics().dropped == 2
+
+
+def test_large_waiting_tensors_are_drained_before_the_interval():
+    monitor = _monitor(np.zeros((100, 4), dtype=np.float32))
+    observer = DriftObserver(interval=600, wake_bytes=64)
+    observer.start()
+    try:
+        observer.submit(monitor, {"x": np.ones((2, 4), dtype=np.float32)}, {})
+        time.sleep(0.2)
+        assert observer.statistics().observed == 0  # 32 bytes: waits for the interval
+        observer.submit(monitor, {"x": np.ones((2, 4), dtype=np.float32)}, {})
+        deadline = time.monotonic() + 5
+        while observer.statistics().observed < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert observer.statistics().observed == 2  # 64 bytes woke the worker
+    finally:
+        observer.stop()

@@ -48,30 +48,36 @@ class PendingBatches:
     collector tracks, so thousands of waiting requests cost its collections
     nothing (tuples or dicts per request cost the server ~5-10 % at concurrency
     64). The lock keeps a batch's tensors together, and is held for appends and
-    for one swap of the lists, never for work."""
+    for one swap of the lists, never for work. The bytes waiting are counted, so
+    that large tensors (images) can be drained early and bounded."""
 
     def __init__(self, tensors: int) -> None:
         self._tensors = tensors
         self._lock = threading.Lock()
         self._lists: list[list[np.ndarray]] = [[] for _ in range(tensors)]
+        self.nbytes = 0
 
     def __len__(self) -> int:
         return len(self._lists[0]) if self._tensors else 0
 
-    def append(self, arrays: list[np.ndarray], capacity: int) -> bool:
-        """Adds one batch's arrays (one per tensor); False when `capacity` batches wait."""
+    def append(self, arrays: list[np.ndarray], capacity: int, max_bytes: int) -> bool:
+        """Adds one batch's arrays (one per tensor); False when `capacity` batches or
+        `max_bytes` bytes would wait."""
+        size = sum(array.nbytes for array in arrays)
         with self._lock:
             lists = self._lists
-            if len(lists[0]) >= capacity:
+            if len(lists[0]) >= capacity or self.nbytes + size > max_bytes:
                 return False
             for target, array in zip(lists, arrays, strict=True):
                 target.append(array)
+            self.nbytes += size
         return True
 
     def take(self) -> list[list[np.ndarray]]:
         """Everything waiting, one list per tensor, leaving nothing behind."""
         with self._lock:
             taken, self._lists = self._lists, [[] for _ in range(self._tensors)]
+            self.nbytes = 0
         return taken
 
 
@@ -523,7 +529,7 @@ class DriftMonitor:
         self.input_profile: Profile | None = None
         self.output_profile: Profile | None = None
         self.classes: list[ClassOutput] = []
-        self._collected: list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]] = []
+        self._collected: list[tuple[np.ndarray | None, dict[str, np.ndarray]]] = []
         self._collected_rows = 0
         self._epoch: dict[str, Any] = {}
         self._decayed: dict[str, Any] = {}
@@ -546,11 +552,15 @@ class DriftMonitor:
         self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], source: str
     ) -> None:
         """Builds the profiles from reference batches of inputs and the model's outputs."""
+        features = self.inputs.extract(inputs) if self.inputs.names else None
+        self._set_profiles(features, outputs, source)
+
+    def _set_profiles(
+        self, features: np.ndarray | None, outputs: dict[str, np.ndarray], source: str
+    ) -> None:
         bins = self.config.bins
-        if self.inputs.names:
-            self.input_profile = Profile.from_matrix(
-                self.inputs.names, self.inputs.extract(inputs), bins
-            )
+        if features is not None:
+            self.input_profile = Profile.from_matrix(self.inputs.names, features, bins)
         if self.outputs.names:
             self.output_profile = Profile.from_matrix(
                 self.outputs.names, self.outputs.extract(outputs), bins
@@ -597,14 +607,16 @@ class DriftMonitor:
         self._epoch_rows += rows
 
     def _collect(self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
-        self._collected.append((inputs, outputs))
+        # The input features, not the inputs: an image batch is kept as its channel means.
+        features = self.inputs.extract(inputs) if self.inputs.names else None
+        self._collected.append((features, outputs))
         self._collected_rows += len(next(iter(inputs.values())))
         if self._collected_rows >= self.config.reference_rows:
-            names_in = list(inputs)
-            names_out = list(outputs)
-            joined_in = {n: np.concatenate([b[0][n] for b in self._collected]) for n in names_in}
-            joined_out = {n: np.concatenate([b[1][n] for b in self._collected]) for n in names_out}
-            self.set_reference(joined_in, joined_out, "served")
+            joined = None
+            if features is not None:
+                joined = np.concatenate([batch[0] for batch in self._collected])
+            joined_out = {n: np.concatenate([b[1][n] for b in self._collected]) for n in outputs}
+            self._set_profiles(joined, joined_out, "served")
 
     def roll(self, now: float) -> None:
         """Closes the epoch if it is over: decay the window by the rows it saw, add it."""

@@ -9,10 +9,12 @@ lock nobody holds for long; it never blocks on work). A worker thread wakes
 every `interval` seconds, takes everything pending, joins each version's
 batches into one, and updates that version's monitor under its lock: one
 kernel call per version per interval however many requests came in, so the
-request path never wakes a thread. When a version has `capacity` batches
-waiting, the batch is dropped and counted: the request is never delayed, and
-the report says how much it missed. Reports take the monitor's lock too, so
-they see whole batches only.
+request path never wakes a thread, except when a version's waiting tensors pass
+`wake_bytes` (large inputs such as images): then the worker is woken to drain
+early, which keeps the memory they hold small. When a version has `capacity`
+batches or `max_bytes` bytes waiting, the batch is dropped and counted: the
+request is never delayed, and the report says how much it missed. Reports take
+the monitor's lock too, so they see whole batches only.
 """
 
 import logging
@@ -44,15 +46,20 @@ class DriftObserver:
         # whatever its size: 0.01 s cost 12 % of throughput at concurrency 64, 0.1 s
         # about 6 %, 0.5 s about 3 % (benchmarks/bench_drift.py); reports lag by it.
         interval: float = 0.5,
+        wake_bytes: int = 4 << 20,
+        max_bytes: int = 64 << 20,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._active: set[DriftMonitor] = set()  # monitors that may have batches pending
         self._capacity = capacity
         self._interval = interval
+        self._wake_bytes = wake_bytes
+        self._max_bytes = max_bytes
         self._clock = clock
         self._observed = 0
         self._dropped = 0
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # set to drain before the interval is over
         self._draining = threading.Lock()  # the worker and `drain` callers take turns
         self._thread = threading.Thread(target=self._run, name="tidegate-drift", daemon=True)
 
@@ -62,6 +69,7 @@ class DriftObserver:
     def stop(self) -> None:
         """Applies what is pending, then ends the worker thread."""
         self._stopping.set()
+        self._wake.set()
         if self._thread.is_alive():
             self._thread.join()
         self.drain()
@@ -72,11 +80,14 @@ class DriftObserver:
         """Offers a served batch; drops it (counted) rather than wait."""
         arrays = [inputs[name] for name in monitor.input_names]
         arrays += [outputs[name] for name in monitor.output_names]
-        if not monitor.pending.append(arrays, self._capacity):
+        pending = monitor.pending
+        if not pending.append(arrays, self._capacity, self._max_bytes):
             self._dropped += 1
             monitor.dropped += 1
             return
         self._active.add(monitor)
+        if pending.nbytes >= self._wake_bytes:
+            self._wake.set()
 
     def statistics(self) -> ObserverStatistics:
         queued = sum(len(monitor.pending) for monitor in list(self._active))
@@ -95,7 +106,9 @@ class DriftObserver:
                     self._apply(monitor, taken)
 
     def _run(self) -> None:
-        while not self._stopping.wait(self._interval):
+        while not self._stopping.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
             try:
                 self.drain()
             except Exception:  # a bug must not kill the thread that every version uses
