@@ -87,7 +87,7 @@ def _digits_rows(rows: int, seed: int) -> dict[str, np.ndarray]:
 @given(
     row_counts=st.lists(st.integers(1, 40), min_size=1, max_size=30),
     max_batch_size=st.integers(40, 200),
-    inline=st.booleans(),
+    mode=st.sampled_from(["pool", "inline", "inline-delayed"]),
     dynamic=st.booleans(),
 )
 def test_every_request_gets_exactly_its_own_rows(
@@ -95,14 +95,17 @@ def test_every_request_gets_exactly_its_own_rows(
     reference: ort.InferenceSession,
     row_counts: list[int],
     max_batch_size: int,
-    inline: bool,
+    mode: str,
     dynamic: bool,
 ):
+    """Pool runs join what is queued; inline runs too when a queue delay makes them
+    wait for company, and otherwise run at once, alone."""
     batcher, stats, executor = _batcher(
         digits,
-        ALWAYS_INLINE if inline else NEVER_INLINE,
+        NEVER_INLINE if mode == "pool" else ALWAYS_INLINE,
         max_batch_size=max_batch_size,
         dynamic=dynamic,
+        max_queue_delay_us=2000 if mode == "inline-delayed" else 0,
     )
     requests = [_digits_rows(rows, seed) for seed, rows in enumerate(row_counts)]
     results = _serve_together(batcher, requests)
@@ -117,7 +120,8 @@ def test_every_request_gets_exactly_its_own_rows(
     assert sum(size * b.compute_infer.count for size, b in stats.batches.items()) == sum(row_counts)
     assert max(stats.batches) <= max(max_batch_size, max(row_counts))
     # ... and requests queued together were joined in arrival order, unless batching is off.
-    expected_batches = Counter(_greedy_batches(row_counts, max_batch_size if dynamic else 0))
+    joined = dynamic and mode != "inline"
+    expected_batches = Counter(_greedy_batches(row_counts, max_batch_size if joined else 0))
     assert {size: b.compute_infer.count for size, b in stats.batches.items()} == expected_batches
     assert stats.execution_count == expected_batches.total()
     # The drift statistics see every batch once: one request per batch carries it.
@@ -158,7 +162,7 @@ def test_requests_of_different_trailing_shapes_never_join(tmp_path: Path):
 
 def test_text_requests_join_too(tmp_path: Path):
     model = _model(onnx_models.save(onnx_models.identity("BYTES", ["batch", 2]), tmp_path, "m"))
-    batcher, stats, executor = _batcher(model, ALWAYS_INLINE)
+    batcher, stats, executor = _batcher(model)
     requests = [{"x": np.array([[f"r{i}a", f"r{i}b"]] * (i + 1), dtype=object)} for i in range(4)]
     results = _serve_together(batcher, requests)
     executor.shutdown()

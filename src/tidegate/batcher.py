@@ -14,7 +14,10 @@ inputs along axis 0 and runs the model once: on the event loop when the cost
 model predicts a run shorter than a thread hand-off, else on the pool, with at
 most one batch per pool thread in flight. While batches run, arrivals queue, and
 each finished batch dispatches the next: batches grow with the load and shrink
-back when it falls, and a lone request runs as soon as it is parsed.
+back when it falls. A request that finds nothing queued and whose run is
+predicted to be that short runs at once, inline (unless a queue delay is set):
+batching costs a lone request nothing, and a model that cheap has little to gain
+from company.
 
 Each request gets views of its own rows of the outputs. If a joined run fails
 (one request holds data the graph refuses) or its outputs do not split by row,
@@ -118,6 +121,20 @@ class Batcher:
             )
         loop = asyncio.get_running_loop()
         waiting = _Waiting(inputs, rows, loop.create_future(), time.perf_counter_ns())
+        if (
+            self._dispatch is None
+            and not self._queue
+            and not self._delay_s
+            and self._model.predicted_ns(rows) < self._inline_below_ns
+        ):
+            # Nothing queued to join and a run shorter than a thread hand-off: run it
+            # now, sparing the two turns of the event loop that queueing costs.
+            batch = _Batch([waiting], rows)
+            self._execute(batch)
+            (result,) = batch.results
+            if isinstance(result, BaseException):
+                raise result
+            return result
         if timeout_us:
             waiting.expiry = loop.call_later(timeout_us / 1e6, _expire, waiting, timeout_us)
         self._queue.append(waiting)
