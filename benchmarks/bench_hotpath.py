@@ -10,11 +10,12 @@ run. Complements bench_http.py, whose figures add the HTTP stack and the client.
 """
 
 import argparse
-import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import uvloop
 
 from bench_http import first_row, infer_request, raw_session, shipped_versions
 from tidegate import codec
@@ -91,4 +92,4 @@ async def main(count: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="timed calls per cell")
-    asyncio.run(main(parser.parse_args().requests))
+    uvloop.run(main(parser.parse_args().requests))

@@ -119,8 +119,6 @@ class Batcher:
             raise Overloaded(
                 f"{len(self._queue)} requests are already waiting for this model version; try again"
             )
-        loop = asyncio.get_running_loop()
-        waiting = _Waiting(inputs, rows, loop.create_future(), time.perf_counter_ns())
         if (
             self._dispatch is None
             and not self._queue
@@ -129,12 +127,12 @@ class Batcher:
         ):
             # Nothing queued to join and a run shorter than a thread hand-off: run it
             # now, sparing the two turns of the event loop that queueing costs.
-            batch = _Batch([waiting], rows)
-            self._execute(batch)
-            (result,) = batch.results
+            result = self._run_alone(inputs, rows, time.perf_counter_ns())
             if isinstance(result, BaseException):
                 raise result
             return result
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(inputs, rows, loop.create_future(), time.perf_counter_ns())
         if timeout_us:
             waiting.expiry = loop.call_later(timeout_us / 1e6, _expire, waiting, timeout_us)
         self._queue.append(waiting)
@@ -213,7 +211,7 @@ class Batcher:
             if len(members) == 1:
                 batch.results = [exc]
                 return
-            batch.results = [self._run_alone(member) for member in members]
+            batch.results = [self._run_alone(m.inputs, m.rows, m.queued_ns) for m in members]
             return
         except Exception as exc:  # a bug: the handlers answer 500, the queue goes on
             batch.results = [exc] * len(members)
@@ -226,15 +224,15 @@ class Batcher:
             )
             observed = None
 
-    def _run_alone(self, member: _Waiting) -> BatchResult | BaseException:
+    def _run_alone(self, inputs: Tensors, rows: int, queued_ns: int) -> BatchResult | Exception:
         started = time.perf_counter_ns()
         try:
-            outputs = self._model.run(member.inputs, member.rows)
-        except Exception as exc:  # BadRequest for this member's data, or a bug
+            outputs = self._model.run(inputs, rows)
+        except Exception as exc:  # BadRequest for this request's data, or a bug
             return exc
         run_ns = time.perf_counter_ns() - started
-        self._stats.record_execution(member.rows, 0, run_ns, 0)
-        return BatchResult(outputs, started - member.queued_ns, run_ns, (member.inputs, outputs))
+        self._stats.record_execution(rows, 0, run_ns, 0)
+        return BatchResult(outputs, started - queued_ns, run_ns, (inputs, outputs))
 
     def _finished(
         self, batch: _Batch, loop: asyncio.AbstractEventLoop, future: "asyncio.Future[None]"
