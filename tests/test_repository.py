@@ -100,6 +100,7 @@ def test_config_keys(tmp_path: Path):
         max_queue_size = 16
         [runtime]
         intra_op_threads = 2
+        intra_op_spinning = true
         inter_op_threads = 1
         providers = ["CPUExecutionProvider"]
         graph_optimization = "basic"
@@ -119,6 +120,7 @@ def test_config_keys(tmp_path: Path):
     assert config.versions == VersionPolicy("specific", (1, 2))
     assert config.batching == BatchingConfig(8, False, 500, 16)
     assert config.runtime.intra_op_threads == 2
+    assert config.runtime.intra_op_spinning is True
     assert config.runtime.graph_optimization == "basic"
     assert config.runtime.execution_mode == "parallel"
     assert config.validation.reject_nan is True
@@ -145,6 +147,7 @@ def test_config_keys(tmp_path: Path):
         ("[runtime]\ngraph_optimization = 'max'\n", "runtime.graph_optimization must be one of"),
         ("[runtime]\nproviders = []\n", "runtime.providers must be a list of names"),
         ("[validation]\nreject_nan = 1\n", "validation.reject_nan has the wrong type"),
+        ("[runtime]\nintra_op_spinning = 'no'\n", "runtime.intra_op_spinning has the wrong type"),
         ("[drift]\nbins = 1\n", "drift.bins must be >= 2"),
         ("[drift]\nalpha = 1.5\n", "drift.alpha must be between 0 and 1"),
         ("[drift]\npsi_warn = 0.3\npsi_alert = 0.2\n", "psi_alert must be >= drift.psi_warn"),

@@ -9,7 +9,7 @@ from tests import onnx_models
 from tests.shipped import MODELS
 from tidegate.config import RuntimeConfig
 from tidegate.errors import BadRequest, ModelLoadError
-from tidegate.runtime import OnnxModel
+from tidegate.runtime import OnnxModel, session_options
 
 
 def test_metadata_comes_from_the_session():
@@ -73,3 +73,12 @@ def test_cost_model_scales_up_with_rows_never_down():
         model.run({"input": np.zeros((200, 64), dtype=np.float32)}, rows=200)
     # ... and a small request is still predicted to cost a whole average run.
     assert model.predicted_ns(1) > one
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_runtime_config_reaches_the_session_options(spinning: bool):
+    config = RuntimeConfig(intra_op_threads=2, inter_op_threads=3, intra_op_spinning=spinning)
+    options = session_options(config)
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 3)
+    entry = options.get_session_config_entry("session.intra_op.allow_spinning")
+    assert entry == ("1" if spinning else "0")

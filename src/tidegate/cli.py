@@ -61,7 +61,7 @@ def main() -> None:
     "--threads",
     type=click.IntRange(1),
     default=None,
-    help="Inference threads (default: one per CPU core).",
+    help="Inference threads, each running one batch at a time (default: half the CPU cores).",
 )
 @click.option(
     "--poll-interval",

@@ -14,7 +14,8 @@ from typing import Any
 from tidegate.errors import ConfigError
 
 # One intra-op thread is fastest for the small tabular models this runtime targets
-# on a small machine: parallelism comes from serving many requests at once.
+# on a small machine: parallelism comes from serving many requests at once. Models
+# heavy enough to gain from more say so in their config.toml (bench_threads.py).
 DEFAULT_INTRA_OP_THREADS = 1
 DEFAULT_MAX_BATCH_SIZE = 256
 DEFAULT_MAX_QUEUE_SIZE = 1024
@@ -62,6 +63,9 @@ class RuntimeConfig:
 
     intra_op_threads: int = DEFAULT_INTRA_OP_THREADS
     inter_op_threads: int = 1
+    # Let idle intra-op threads spin waiting for work (onnxruntime's default): lower
+    # latency per run, but they take CPU the event loop needs on a small machine.
+    intra_op_spinning: bool = False
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     graph_optimization: str = "all"
     execution_mode: str = "sequential"
@@ -108,8 +112,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 64 * 1024 * 1024
-    # Threads that run onnxruntime; each runs one batch at a time.
-    executor_threads: int = field(default_factory=lambda: max(1, os.cpu_count() or 1))
+    # Threads that run onnxruntime batches, one batch each at a time. Half the cores:
+    # the event loop needs the rest. On 2 cores one thread beat two for every model
+    # measured, at concurrency 1 and 64 (benchmarks/bench_threads.py).
+    executor_threads: int = field(default_factory=lambda: max(1, (os.cpu_count() or 1) // 2))
     # Seconds between scans of the repository for new, changed or removed versions;
     # None: models change only through the repository API.
     poll_interval: float | None = None
@@ -194,6 +200,7 @@ def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
     runtime = RuntimeConfig(
         intra_op_threads=rt.count("intra_op_threads", DEFAULT_INTRA_OP_THREADS, 0),
         inter_op_threads=rt.count("inter_op_threads", 1, 0),
+        intra_op_spinning=rt.get("intra_op_spinning", bool, False),
         providers=_providers(rt),
         graph_optimization=rt.choice("graph_optimization", GRAPH_OPTIMIZATION_LEVELS, "all"),
         execution_mode=rt.choice("execution_mode", EXECUTION_MODES, "sequential"),

@@ -45,10 +45,13 @@ _EXECUTION = {
 }
 
 
-def _session_options(config: RuntimeConfig) -> ort.SessionOptions:
+def session_options(config: RuntimeConfig) -> ort.SessionOptions:
+    """onnxruntime's options for a `[runtime]` section."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.intra_op_threads
     options.inter_op_num_threads = config.inter_op_threads
+    spinning = "1" if config.intra_op_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     options.graph_optimization_level = _OPTIMIZATION[config.graph_optimization]
     options.execution_mode = _EXECUTION[config.execution_mode]
     return options
@@ -78,7 +81,7 @@ class OnnxModel:
             )
         try:
             self._session = ort.InferenceSession(
-                str(path), _session_options(config), providers=list(config.providers)
+                str(path), session_options(config), providers=list(config.providers)
             )
         except _LOAD_ERRORS as exc:
             raise ModelLoadError(f"{path}: cannot load the model: {exc}") from exc
