@@ -2,11 +2,14 @@
 
 import asyncio
 import shutil
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
 import pytest
 
+from tests import onnx_models
 from tidegate.errors import NotFound
 from tidegate.executor import InferenceExecutor
 from tidegate.registry import Registry
@@ -52,3 +55,30 @@ def test_latest_n_policy(models_dir: Path):
     registry = _loaded(models_dir)
     assert [d.version for d in registry.versions("digits")] == [2, 3]
     assert registry.resolve("digits").version == 3
+
+
+_LOAD_AND_REPORT_NUMBA = """
+import asyncio, sys
+from pathlib import Path
+from tidegate.executor import InferenceExecutor
+from tidegate.registry import Registry
+registry = Registry(Path(sys.argv[1]), InferenceExecutor(1))
+asyncio.run(registry.load_all())
+assert registry.is_loaded("m")
+print("numba" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_numba_is_imported_only_for_drift(tmp_path: Path, drift: bool):
+    """Numba and LLVM cost ~130 MiB: a server whose models turn drift off never loads them."""
+    onnx_models.save(onnx_models.identity("FP32"), tmp_path, "m")
+    (tmp_path / "m" / "config.toml").write_text(f"[drift]\nenabled = {str(drift).lower()}\n")
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_REPORT_NUMBA, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == str(drift)

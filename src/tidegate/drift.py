@@ -30,11 +30,11 @@ serialises updates and reads (see `observer`).
 import math
 import threading
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from tidegate import kernels
 from tidegate.config import DriftConfig
 from tidegate.protocol import TensorSpec
 
@@ -84,9 +84,17 @@ class PendingBatches:
 MIN_ROWS_PER_BIN = 5  # fewer than 5 * B rows in the window: insufficient data
 
 
+def _kernels() -> ModuleType:
+    """The Numba kernels, imported on first use rather than with tidegate: Numba and
+    LLVM take about 130 MiB, which a server whose models all turn drift off keeps."""
+    from tidegate import kernels
+
+    return kernels
+
+
 def prepare_kernels() -> None:
     """Compiles the kernels (or loads them from Numba's cache) before any request."""
-    kernels.warm_up()
+    _kernels().warm_up()
 
 
 # -- features ---------------------------------------------------------------------------
@@ -248,7 +256,7 @@ class Profile:
 
     def update(self, window: Window, matrix: np.ndarray) -> None:
         """Adds a batch's features to an integer window: one kernel call."""
-        kernels.update_features(
+        _kernels().update_features(
             matrix,
             self.edges,
             self.lo,
@@ -336,9 +344,9 @@ class ClassOutput:
             # float32 or float64 only: the dtypes compiled at load (FP16 is widened).
             dtype = array.dtype if array.dtype in (np.float32, np.float64) else np.float64
             scores = np.ascontiguousarray(array, dtype=dtype)
-            kernels.update_argmax(scores, classes.counts, classes.confidence_sum)
+            _kernels().update_argmax(scores, classes.counts, classes.confidence_sum)
             return
-        kernels.update_classes(self._indices(array), classes.counts)
+        _kernels().update_classes(self._indices(array), classes.counts)
 
     def _indices(self, array: np.ndarray) -> np.ndarray:
         """Each label's class; labels the reference never had go to "other" (last)."""

@@ -194,6 +194,7 @@ class InferRouter:
             max_batch_size=deployment.max_batch_size,
             reject_nan=deployment.config.validation.reject_nan,
         )
+        del body  # parsed: a JSON body (arrays from a binary one keep it) need not wait too
         first = next(iter(decoded.inputs.values()))
         rows = first.shape[0] if deployment.max_batch_size and first.ndim else 1
         decoded_at = time.perf_counter_ns()
