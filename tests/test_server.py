@@ -198,6 +198,12 @@ def test_overload_answers_503_with_retry_after(tmp_path: Path, start_server):
     refused = next(r for r in results if r[0] == 503)
     assert refused[1]["retry-after"] == "1"
     assert "already waiting for this model version" in refused[2]["error"]
+    # Nothing was lost: every request was answered, and the next one is served.
+    assert all(r[0] in (200, 503) for r in results)
+    after: list = [None]
+    _slow_request(live.base, after, 0)
+    assert after[0][0] == 200
+    np.testing.assert_allclose(after[0][2]["outputs"][0]["data"], [1.0], rtol=1e-4)
 
 
 def test_a_request_past_its_timeout_gets_503_without_running(tmp_path: Path, start_server):
@@ -221,6 +227,7 @@ def test_a_request_past_its_timeout_gets_503_without_running(tmp_path: Path, sta
     assert waited < 0.5  # answered at its deadline, not when the thread came free
     thread.join()
     assert results[0][0] == 200
+    assert live.client.get("/v2/health/ready").status_code == 200
     stats = live.client.get("/v2/models/slow/stats").json()["model_stats"][0]
     assert stats["execution_count"] == 1  # the timed-out request never ran
     assert stats["inference_stats"]["fail"]["count"] == 1
@@ -258,6 +265,7 @@ def test_slow_inference_does_not_block_the_event_loop(tmp_path: Path, start_serv
     answered_in = time.monotonic() - started
     thread.join()
     assert results[0][0] == 200
+    assert live.client.get("/v2/health/ready").status_code == 200
     stats = live.client.get("/v2/models/slow/stats").json()["model_stats"][0]
     infer_seconds = stats["inference_stats"]["compute_infer"]["ns"] / 1e9
     assert answered_in < infer_seconds / 4
