@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests import onnx_models
-from tidegate.batcher import Batcher
+from tidegate.batcher import PROBE_EVERY, SINGLES_TO_STOP, Batcher
 from tidegate.config import BatchingConfig, RuntimeConfig
 from tidegate.errors import BadRequest, Overloaded
 from tidegate.executor import InferenceExecutor
@@ -85,7 +85,7 @@ def _digits_rows(rows: int, seed: int) -> dict[str, np.ndarray]:
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    row_counts=st.lists(st.integers(1, 40), min_size=1, max_size=30),
+    row_counts=st.lists(st.integers(1, 40), min_size=1, max_size=40),
     max_batch_size=st.integers(40, 200),
     mode=st.sampled_from(["pool", "inline", "inline-delayed"]),
     dynamic=st.booleans(),
@@ -99,7 +99,7 @@ def test_every_request_gets_exactly_its_own_rows(
     dynamic: bool,
 ):
     """Pool runs join what is queued; inline runs too when a queue delay makes them
-    wait for company, and otherwise run at once, alone."""
+    wait for company, and otherwise run at once, alone, until a probe finds company."""
     batcher, stats, executor = _batcher(
         digits,
         NEVER_INLINE if mode == "pool" else ALWAYS_INLINE,
@@ -120,14 +120,39 @@ def test_every_request_gets_exactly_its_own_rows(
     assert sum(size * b.compute_infer.count for size, b in stats.batches.items()) == sum(row_counts)
     assert max(stats.batches) <= max(max_batch_size, max(row_counts))
     # ... and requests queued together were joined in arrival order, unless batching is off.
-    joined = dynamic and mode != "inline"
-    expected_batches = Counter(_greedy_batches(row_counts, max_batch_size if joined else 0))
+    max_rows = max_batch_size if dynamic else 0
+    if mode == "inline":  # the first ones run at once; a probe then finds the rest queued
+        alone = PROBE_EVERY - 1
+        expected = row_counts[:alone] + _greedy_batches(row_counts[alone:], max_rows)
+    else:
+        expected = _greedy_batches(row_counts, max_rows)
+    expected_batches = Counter(expected)
     assert {size: b.compute_infer.count for size, b in stats.batches.items()} == expected_batches
     assert stats.execution_count == expected_batches.total()
     # The drift statistics see every batch once: one request per batch carries it.
     observed = [r.observed for r in results if r.observed is not None]
     assert len(observed) == stats.execution_count
     assert sum(len(inputs["input"]) for inputs, _ in observed) == sum(row_counts)
+
+
+def test_cheap_requests_run_at_once_alone_and_join_under_load(digits: OnnxModel):
+    batcher, stats, executor = _batcher(digits, ALWAYS_INLINE)
+
+    async def one_at_a_time(count: int) -> None:
+        for seed in range(count):
+            await batcher.infer(_digits_rows(1, seed), 1, None)
+
+    asyncio.run(one_at_a_time(2 * PROBE_EVERY))
+    assert stats.execution_count == 2 * PROBE_EVERY  # alone, probes found no company
+    assert not batcher.joining
+    _serve_together(batcher, [_digits_rows(1, seed) for seed in range(40)])
+    assert stats.execution_count < 2 * PROBE_EVERY + 40  # a probe found the burst queued
+    assert batcher.joining
+    asyncio.run(one_at_a_time(SINGLES_TO_STOP - 1))
+    assert batcher.joining  # lone dispatches, but not yet enough of them
+    asyncio.run(one_at_a_time(1))
+    assert not batcher.joining  # back to running lone requests at once
+    executor.shutdown()
 
 
 def test_batching_on_and_off_give_the_same_results(digits: OnnxModel):

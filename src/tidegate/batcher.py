@@ -14,10 +14,16 @@ inputs along axis 0 and runs the model once: on the event loop when the cost
 model predicts a run shorter than a thread hand-off, else on the pool, with at
 most one batch per pool thread in flight. While batches run, arrivals queue, and
 each finished batch dispatches the next: batches grow with the load and shrink
-back when it falls. A request that finds nothing queued and whose run is
-predicted to be that short runs at once, inline (unless a queue delay is set):
-batching costs a lone request nothing, and a model that cheap has little to gain
-from company.
+back when it falls.
+
+A request whose run is predicted that short, and which finds nothing queued,
+runs at once instead, inline, sparing the two loop turns that queueing costs,
+unless requests have lately been arriving together: batching must cost a lone
+request nothing, and under load it pays many times over (at concurrency 64 a
+tabular model served twice the requests with them joined). Which of the two
+holds is learned from the dispatches: every `PROBE_EVERY`-th lone request is
+queued anyway, and a dispatch that finds company switches joining on, until
+`SINGLES_TO_STOP` dispatches in a row find none. A queue delay always joins.
 
 Each request gets views of its own rows of the outputs. If a joined run fails
 (one request holds data the graph refuses) or its outputs do not split by row,
@@ -41,6 +47,8 @@ from tidegate.runtime import OnnxModel
 from tidegate.stats import VersionStats
 
 Tensors = dict[str, np.ndarray]
+PROBE_EVERY = 16  # while requests run at once, queue one in this many to look for company
+SINGLES_TO_STOP = 4  # dispatches in a row that find a request alone: stop joining
 
 
 @dataclass(slots=True, frozen=True)
@@ -102,11 +110,19 @@ class Batcher:
         self._queued_rows = 0
         self._dispatch: asyncio.TimerHandle | asyncio.Handle | None = None
         self._running = 0  # batches on pool threads
+        self._joining = bool(self._delay_s)
+        self._lone = 0  # requests run at once since the last probe
+        self._singles = 0  # dispatches in a row that took one request
 
     @property
     def depth(self) -> int:
         """Requests waiting for a run."""
         return len(self._queue)
+
+    @property
+    def joining(self) -> bool:
+        """Whether cheap requests wait a loop turn for company (see the module doc)."""
+        return self._joining
 
     async def infer(self, inputs: Tensors, rows: int, timeout_us: int | None) -> BatchResult:
         """Queues a request and returns its outputs once its batch has run.
@@ -120,13 +136,14 @@ class Batcher:
                 f"{len(self._queue)} requests are already waiting for this model version; try again"
             )
         if (
-            self._dispatch is None
+            not self._joining
+            and self._dispatch is None
             and not self._queue
-            and not self._delay_s
             and self._model.predicted_ns(rows) < self._inline_below_ns
+            and self._lone < PROBE_EVERY - 1
         ):
-            # Nothing queued to join and a run shorter than a thread hand-off: run it
-            # now, sparing the two turns of the event loop that queueing costs.
+            # Alone, and a run shorter than a thread hand-off: run it now.
+            self._lone += 1
             result = self._run_alone(inputs, rows, time.perf_counter_ns())
             if isinstance(result, BaseException):
                 raise result
@@ -188,7 +205,15 @@ class Batcher:
                 rows += waiting.rows
             self._queue.popleft()
             self._queued_rows -= waiting.rows
-        return _Batch(members, rows) if members else None
+        if not members:
+            return None
+        self._lone = 0
+        if len(members) > 1:
+            self._joining, self._singles = True, 0
+        elif self._joining and not self._delay_s:
+            self._singles += 1
+            self._joining = self._singles < SINGLES_TO_STOP
+        return _Batch(members, rows)
 
     def _execute(self, batch: _Batch) -> None:
         """Runs a batch and fills in each member's result (on a pool thread or the loop)."""
