@@ -22,6 +22,7 @@ import numpy as np
 
 from bench_http import bench_http, first_row, free_port, infer_request
 from tidegate.config import ModelConfig
+from tidegate.executor import InferenceExecutor
 from tidegate.registry import _build
 from tidegate.repository import scan_model
 
@@ -59,7 +60,7 @@ def without_drift(target: Path) -> Path:
 def drift_bytes_per_feature() -> tuple[int, int]:
     """Bytes of drift state (profile and windows) of the model version, per feature."""
     source = scan_model(MODELS, MODEL)
-    deployment = _build(source, source.versions[VERSION])
+    deployment = _build(source, source.versions[VERSION], InferenceExecutor(1))
     monitor = deployment.drift
     assert monitor is not None
     assert monitor.input_profile is not None
