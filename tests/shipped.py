@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import orjson
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 ONNX_TO_V2 = {
@@ -92,3 +93,16 @@ def assert_same_output(got: np.ndarray, expected: np.ndarray) -> None:
     else:
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)
+
+
+def split_binary(body: bytes, header_length: int, key: str) -> tuple[dict, list[bytes]]:
+    """A binary-extension body's JSON part, and the tensor bytes of each entry of
+    `key` ("inputs" or "outputs"), cut by their binary_data_size."""
+    document = orjson.loads(body[:header_length])
+    blobs, offset = [], header_length
+    for entry in document[key]:
+        size = entry["parameters"]["binary_data_size"]
+        blobs.append(body[offset : offset + size])
+        offset += size
+    assert offset == len(body)
+    return document, blobs

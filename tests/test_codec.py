@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
+from tests.shipped import split_binary
 from tidegate.codec import decode_request, encode_response
 from tidegate.errors import BadRequest
 from tidegate.protocol import DATATYPES, ModelMetadata, TensorSpec
@@ -43,17 +44,6 @@ def _binary_request(array: np.ndarray, datatype: str, **extra: object) -> tuple[
     return header + blob, len(header)
 
 
-def _split_binary_response(body: bytes, header_length: int) -> tuple[dict, list[bytes]]:
-    document = orjson.loads(body[:header_length])
-    blobs, offset = [], header_length
-    for output in document["outputs"]:
-        size = output["parameters"]["binary_data_size"]
-        blobs.append(body[offset : offset + size])
-        offset += size
-    assert offset == len(body)
-    return document, blobs
-
-
 @settings(max_examples=60, deadline=None)
 @given(data=st.data(), datatype=st.sampled_from(FIXED))
 def test_binary_round_trip_is_exact(data, datatype):
@@ -71,7 +61,7 @@ def test_binary_round_trip_is_exact(data, datatype):
     assert not decoded.flags.owndata  # a view on the request body, not a copy
     response, json_length = encode_response("m", "1", request, {"y": decoded}, meta)
     assert json_length is not None
-    document, blobs = _split_binary_response(response, json_length)
+    document, blobs = split_binary(response, json_length, "outputs")
     assert document["outputs"][0]["shape"] == list(array.shape)
     assert blobs == [array.tobytes()]
 
@@ -151,7 +141,7 @@ def test_bytes_round_trip(values, binary):
     request.binary_output = True
     response, json_length = encode_response("m", "1", request, {"y": decoded}, meta)
     assert json_length is not None
-    _, (blob,) = _split_binary_response(response, json_length)
+    _, (blob,) = split_binary(response, json_length, "outputs")
     expected = b"".join(struct.pack("<I", len(v.encode())) + v.encode() for v in decoded.ravel())
     assert blob == expected
 

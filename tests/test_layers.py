@@ -12,9 +12,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tidegate"
 LAYERS = {
-    0: {"__init__", "errors", "config", "protocol", "stats", "kernels"},
-    1: {"codec", "runtime", "repository", "executor", "drift"},
-    2: {"batcher", "registry", "poller", "observer"},
+    0: {"__init__", "errors", "config", "protocol", "stats", "kernels", "histogram"},
+    1: {"codec", "runtime", "repository", "executor", "drift", "workload", "loadgen"},
+    2: {"batcher", "registry", "poller", "observer", "bench"},
     3: {"infer", "v2", "app", "client", "metrics"},
     4: {"server", "cli", "__main__"},
 }
@@ -27,7 +27,7 @@ OWNERS = {
     "rich": {"cli"},
     "numba": {"kernels"},
     "prometheus_client": {"metrics"},
-    "orjson": {"codec", "infer", "v2"},
+    "orjson": {"codec", "infer", "v2", "workload", "bench"},
 }
 
 

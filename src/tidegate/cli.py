@@ -5,6 +5,7 @@ stays fast."""
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -338,3 +339,266 @@ def _print_drift(report: dict[str, Any]) -> None:
     # Eleven columns of numbers: never squeeze them into 80 columns by cutting digits.
     console.width = max(console.width, 132)
     console.print(table)
+
+
+# -- bench: a load generator for any V2 server ------------------------------------------
+
+
+def _numbers(text: str | None, kind: Callable[[str], Any]) -> list[Any]:
+    if not text:
+        return []
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from exc
+
+
+_OUTPUT_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+_BENCH_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (
+        ("--arrivals",),
+        {
+            "type": click.Choice(["constant", "poisson"]),
+            "default": "constant",
+            "help": "Open loop: evenly spaced or Poisson arrivals.",
+        },
+    ),
+    (
+        ("--duration",),
+        {"type": click.FloatRange(min=0.1), "default": 10.0, "help": "Seconds measured per level."},
+    ),
+    (
+        ("--warmup",),
+        {
+            "type": click.FloatRange(min=0),
+            "default": 2.0,
+            "help": "Seconds sent, not measured, before each level.",
+        },
+    ),
+    (
+        ("--timeout",),
+        {
+            "type": click.FloatRange(min=0.001),
+            "default": 30.0,
+            "help": "Seconds before a request times out.",
+        },
+    ),
+    (("--batch-size",), {"type": click.IntRange(min=1), "default": 1, "help": "Rows per request."}),
+    (
+        ("--protocol",),
+        {
+            "type": click.Choice(["json", "binary"]),
+            "default": "json",
+            "help": "V2 JSON, or Triton's binary tensor extension.",
+        },
+    ),
+    (
+        ("--max-connections",),
+        {
+            "type": click.IntRange(min=1),
+            "default": 1024,
+            "help": "Open loop: most connections; more requests wait.",
+        },
+    ),
+    (
+        ("--processes",),
+        {
+            "type": click.IntRange(min=1),
+            "default": 1,
+            "help": "Client processes sharing each level.",
+        },
+    ),
+    (
+        (
+            "--json",
+            "json_path",
+        ),
+        {
+            "type": _OUTPUT_FILE,
+            "default": None,
+            "help": "Write every number (and the histograms) to FILE.",
+        },
+    ),
+    (
+        (
+            "--csv",
+            "csv_path",
+        ),
+        {"type": _OUTPUT_FILE, "default": None, "help": "Write one row per level to FILE."},
+    ),
+]
+
+
+def _bench_options(command: _Command) -> _Command:
+    """Applies `_BENCH_OPTIONS`, in order, with their defaults shown in --help."""
+    for names, settings in reversed(_BENCH_OPTIONS):
+        command = click.option(*names, show_default=True, **settings)(command)
+    return command
+
+
+@main.command(short_help="Load-test a V2 server (tidegate, MLServer, Triton).")
+@click.argument("url")
+@click.option("--model", required=True, help="The model to send requests to.")
+@click.option("--version", default=None, help="A model version (default: the server's choice).")
+@click.option("--concurrency", default=None, help="Closed loop: connections, e.g. 1,8,64.")
+@click.option("--rate", default=None, help="Open loop: requests per second, e.g. 500,1000.")
+@click.option(
+    "--requests",
+    "max_requests",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop a level after this many requests (warm-up included).",
+)
+@click.option(
+    "--input",
+    "source",
+    default="random",
+    show_default=True,
+    help="random (from the model's metadata), FILE.npz (rows per input), or "
+    "FILE.json (V2 requests, sent as they are).",
+)
+@_bench_options
+def bench(
+    url: str,
+    model: str,
+    version: str | None,
+    concurrency: str | None,
+    rate: str | None,
+    arrivals: str,
+    duration: float,
+    warmup: float,
+    timeout: float,
+    max_requests: int | None,
+    source: str,
+    batch_size: int,
+    protocol: str,
+    max_connections: int,
+    processes: int,
+    json_path: Path | None,
+    csv_path: Path | None,
+) -> None:
+    """Drive URL's model with load levels and report throughput and latency."""
+    from tidegate import bench as runner
+    from tidegate.loadgen import Plan, Target
+
+    try:
+        target = Target.parse(url)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="URL") from exc
+    concurrencies = _numbers(concurrency, int)
+    rates = _numbers(rate, float)
+    if concurrencies and rates:
+        raise click.UsageError("give --concurrency (closed loop) or --rate (open loop), not both")
+    if any(c < 1 for c in concurrencies) or any(r <= 0 for r in rates):
+        raise click.BadParameter("levels must be positive")
+    base = Plan(
+        duration=duration,
+        warmup=warmup,
+        timeout=timeout,
+        max_requests=max_requests,
+        max_connections=max_connections,
+    )
+    plans = [replace(base, concurrency=c) for c in concurrencies or ([] if rates else [1])]
+    plans += [replace(base, rate=r, poisson=arrivals == "poisson") for r in rates]
+    try:
+        prepared = runner.prepare(target, model, version, source, batch_size, protocol == "binary")
+    except OSError as exc:
+        raise ServerUnreachable(f"cannot reach {url}: {exc}") from exc
+    except (RuntimeError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    console = _console()
+    results = []
+    rows = []
+    for plan in plans:
+        what = f"{plan.mode} loop at {plan.level:g} " + (
+            "connections" if plan.mode == "closed" else "requests/s"
+        )
+        before = runner.server_stats(target, model, version)
+        with console.status(f"{what}: {warmup:g} s warm-up, {duration:g} s measured…"):
+            result = runner.run(target, model, version, prepared, plan, processes)
+        after = runner.server_stats(target, model, version)
+        row = runner.summary(result, runner.server_times(before, after))
+        results.append((result, row))
+        rows.append(row)
+        console.print(f"[dim]{what}: {row['ok']} ok, {row['errors']} errors[/dim]")
+    _print_bench(console, rows)
+    meta = {
+        "url": url,
+        "model": model,
+        "version": version,
+        "protocol": protocol,
+        "batch_size": batch_size,
+        "input": source,
+        "processes": processes,
+    }
+    if json_path is not None:
+        runner.write_json(json_path, meta, results)
+    if csv_path is not None:
+        runner.write_csv(csv_path, rows)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_bench(console: "Console", rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table(title="tidegate bench")
+    for column in (
+        "mode",
+        "level",
+        "req/s",
+        "rows/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "errors",
+        "server ms",
+        "client cpu",
+    ):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    notes = set()
+    for row in rows:
+        errors = ", ".join(f"{k}: {v}" for k, v in row["error_kinds"].items()) or "0"
+        server = "-"
+        if "server_total_ms" in row:
+            server = f"{row['server_total_ms']:.3f} (q {row['server_queue_ms']:.3f})"
+        table.add_row(
+            row["mode"] + (f" {row['arrivals']}" if row["arrivals"] else ""),
+            f"{row['level']:g}",
+            f"{row['ok_per_s']:,.0f}",
+            f"{row['rows_per_s']:,.0f}",
+            _ms(row["p50_ms"]),
+            _ms(row["p90_ms"]),
+            _ms(row["p99_ms"]),
+            _ms(row["p99.9_ms"]),
+            _ms(row["max_ms"]),
+            errors,
+            server,
+            f"{row['client_cpu'] * 100:.0f} %",
+        )
+        if row["excludes_waiting"]:
+            notes.add(
+                "closed loop: latencies exclude the time requests would have waited "
+                "while the server stalled (use --rate for that)"
+            )
+        if row["client_cpu"] > 0.9 or (row["client_lag_p99_ms"] or 0) > 5:
+            notes.add(
+                f"at level {row['level']:g} the client itself was busy (CPU "
+                f"{row['client_cpu'] * 100:.0f} %, loop lag p99 "
+                f"{_ms(row['client_lag_p99_ms'])} ms): try --processes"
+            )
+        if (row["client_late_p99_ms"] or 0) > 5:
+            notes.add(
+                f"at rate {row['level']:g} requests left up to "
+                f"{_ms(row['client_late_p99_ms'])} ms late (p99): the client fell behind"
+            )
+    console.width = max(console.width, 140)
+    console.print(table)
+    for note in sorted(notes):
+        console.print(f"[yellow]note:[/yellow] {note}")

@@ -1,0 +1,411 @@
+"""The load generator behind `tidegate bench`: pre-encoded V2 requests over kept-alive
+HTTP/1.1 connections, in a closed or an open loop, timed honestly.
+
+Theory of operation
+-------------------
+A closed loop runs C workers, each with its own connection, each sending its next
+request as soon as the previous answer arrives: it measures service time, and a
+stalled server simply receives fewer requests, so its latency numbers exclude the
+waiting that real clients would have seen (coordinated omission). The report says so.
+
+An open loop sends at a fixed rate whatever the server does: arrival times are
+laid out in advance (evenly, or with exponential gaps for Poisson arrivals), and
+each request's latency is measured from its scheduled time, so time spent waiting
+for a free connection or for a stalled server counts. Connections are opened on
+demand up to `max_connections`; beyond that, requests wait for one (and the wait
+counts). Every loop is bounded by the duration, an optional request count, and a
+per-request timeout.
+
+The client watches itself: the CPU it used (as a share of one core) and how late
+its event loop wakes up (the scheduling lag of a 1 ms ticker), so that a run
+where the client was the bottleneck says so instead of under-driving the server
+silently.
+"""
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from tidegate.histogram import LatencyHistogram
+from tidegate.workload import PreparedRequest
+
+_TICK_S = 0.001  # period of the lag ticker
+
+
+class ProtocolError(Exception):
+    """The server's answer is not HTTP/1.1 this client can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where requests go: host, port and the infer path of one model (version)."""
+
+    host: str
+    port: int
+    base_path: str  # "" or a prefix such as "/proxy"
+
+    @classmethod
+    def parse(cls, url: str) -> "Target":
+        """`http://host:port[/prefix]`, or `host:port`."""
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http://host:port address")
+        return cls(parts.hostname, parts.port or 80, parts.path.rstrip("/"))
+
+    def infer_path(self, model: str, version: str | None) -> str:
+        version_part = f"/versions/{version}" if version else ""
+        return f"{self.base_path}/v2/models/{model}{version_part}/infer"
+
+
+def request_bytes(target: Target, path: str, request: PreparedRequest) -> bytes:
+    """One whole HTTP/1.1 POST, head and body, ready to write."""
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: {target.host}:{target.port}",
+        f"Content-Type: {request.content_type}",
+        f"Content-Length: {len(request.body)}",
+    ]
+    if request.header_length is not None:
+        head.append(f"Inference-Header-Content-Length: {request.header_length}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + request.body
+
+
+class Connection:
+    """One kept-alive HTTP/1.1 connection that sends a request and reads its answer."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, target: Target) -> "Connection":
+        reader, writer = await asyncio.open_connection(target.host, target.port)
+        return cls(reader, writer)
+
+    async def exchange(self, data: bytes) -> tuple[int, bytes]:
+        """Writes one request; returns the answer's status and body."""
+        self._writer.write(data)
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        status_line, _, header_block = head.partition(b"\r\n")
+        parts = status_line.split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
+        length = None
+        for line in header_block.split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+                break
+        if length is None:
+            raise ProtocolError("the answer has no Content-Length (chunked is not read)")
+        return int(parts[1]), await self._reader.readexactly(length)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+@dataclass(slots=True)
+class Tally:
+    """What one load level observed (mergeable across client processes)."""
+
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    ok: int = 0
+    rows: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    @property
+    def sent(self) -> int:
+        return self.ok + sum(self.errors.values())
+
+    def merge(self, other: "Tally") -> None:
+        self.latency.merge(other.latency)
+        self.ok += other.ok
+        self.rows += other.rows
+        for kind, count in other.errors.items():
+            self.errors[kind] = self.errors.get(kind, 0) + count
+
+
+@dataclass(slots=True)
+class ClientLoad:
+    """How busy the client itself was: CPU share of one core, its event loop's lag,
+    and (open loop) how late requests left against their schedule."""
+
+    cpu: float
+    lag: LatencyHistogram
+    late: LatencyHistogram
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One load level: closed loop at `concurrency`, or open loop at `rate` per second."""
+
+    concurrency: int | None = None
+    rate: float | None = None
+    poisson: bool = False
+    duration: float = 10.0
+    warmup: float = 0.0
+    max_requests: int | None = None
+    timeout: float = 30.0
+    max_connections: int = 1024
+    seed: int = 0
+
+    @property
+    def mode(self) -> str:
+        return "closed" if self.concurrency is not None else "open"
+
+    @property
+    def level(self) -> float:
+        return float(self.concurrency if self.concurrency is not None else self.rate or 0)
+
+
+@dataclass(slots=True)
+class LevelResult:
+    plan: Plan
+    seconds: float  # measured time (after the warm-up)
+    tally: Tally
+    client: ClientLoad
+
+
+class _Pool:
+    """Idle connections, opened on demand up to a bound; waiting for one is part of
+    a request's latency in the open loop."""
+
+    def __init__(self, target: Target, limit: int) -> None:
+        self._target = target
+        self._idle: list[Connection] = []
+        self._opened = 0
+        self._slots = asyncio.Semaphore(limit)
+
+    async def acquire(self) -> Connection:
+        await self._slots.acquire()
+        if self._idle:
+            return self._idle.pop()
+        try:
+            connection = await Connection.open(self._target)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._opened += 1
+        return connection
+
+    def release(self, connection: Connection | None) -> None:
+        """Returns a healthy connection; None for one that was closed after a failure."""
+        if connection is not None:
+            self._idle.append(connection)
+        self._slots.release()
+
+    def close(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+
+async def _one(
+    pool: _Pool, data: bytes, rows: int, started_ns: int, limit_s: float, tally: Tally | None
+) -> None:
+    """Sends one request on a pooled connection and records it (None: warming up)."""
+    deadline = asyncio.get_running_loop().time() + limit_s
+    try:
+        async with asyncio.timeout_at(deadline):
+            connection = await pool.acquire()
+    except TimeoutError:
+        _count(tally, "timeout")
+        return
+    except OSError:
+        _count(tally, "connection")
+        return
+    status = 0
+    try:
+        async with asyncio.timeout_at(deadline):
+            status, _ = await connection.exchange(data)
+    except TimeoutError:
+        _count(tally, "timeout")
+    except _BROKEN:
+        _count(tally, "connection")
+    finally:
+        if status:
+            pool.release(connection)
+        else:  # its state is unknown: never reuse it
+            connection.close()
+            pool.release(None)
+    if status:
+        _record(tally, status, rows, time.perf_counter_ns() - started_ns)
+
+
+_BROKEN = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ProtocolError)
+
+
+def _count(tally: Tally | None, kind: str) -> None:
+    if tally is not None:
+        tally.error(kind)
+
+
+def _record(tally: Tally | None, status: int, rows: int, latency_ns: int) -> None:
+    if tally is None:
+        return
+    if status == 200:
+        tally.ok += 1
+        tally.rows += rows
+        tally.latency.record(latency_ns)
+    else:
+        tally.error(f"http {status}")
+
+
+class _Budget:
+    """The requests a level may still send (unbounded without `max_requests`)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+
+    def take(self) -> bool:
+        if self.left is None:
+            return True
+        if self.left <= 0:
+            return False
+        self.left -= 1
+        return True
+
+
+async def _closed_worker(
+    target: Target,
+    requests: list[tuple[bytes, int]],
+    offset: int,
+    plan: Plan,
+    measure_from: float,
+    stop_at: float,
+    budget: _Budget,
+    tally: Tally,
+) -> None:
+    """One connection sending request after request until the level ends."""
+    loop = asyncio.get_running_loop()
+    connection: Connection | None = None
+    index = offset
+    try:
+        while loop.time() < stop_at and budget.take():
+            data, rows = requests[index % len(requests)]
+            index += 1
+            counted = tally if loop.time() >= measure_from else None
+            if connection is None:
+                try:
+                    connection = await Connection.open(target)
+                except OSError:
+                    _count(counted, "connection")
+                    await asyncio.sleep(0.01)  # a refusing server must not spin the client
+                    continue
+            started = time.perf_counter_ns()
+            status = 0
+            try:
+                async with asyncio.timeout(plan.timeout):
+                    status, _ = await connection.exchange(data)
+            except TimeoutError:
+                _count(counted, "timeout")
+            except _BROKEN:
+                _count(counted, "connection")
+            if not status:
+                connection.close()
+                connection = None
+                continue
+            _record(counted, status, rows, time.perf_counter_ns() - started)
+    finally:
+        if connection is not None:
+            connection.close()
+
+
+async def _closed(
+    target: Target, requests: list[tuple[bytes, int]], plan: Plan, tally: Tally
+) -> None:
+    loop = asyncio.get_running_loop()
+    measure_from = loop.time() + plan.warmup
+    stop_at = measure_from + plan.duration
+    budget = _Budget(plan.max_requests)
+    assert plan.concurrency is not None
+    await asyncio.gather(
+        *(
+            _closed_worker(target, requests, i, plan, measure_from, stop_at, budget, tally)
+            for i in range(plan.concurrency)
+        )
+    )
+
+
+async def _open(
+    target: Target,
+    requests: list[tuple[bytes, int]],
+    plan: Plan,
+    tally: Tally,
+    late: LatencyHistogram,
+) -> None:
+    """Sends at the plan's rate; each latency counts from the request's scheduled time."""
+    assert plan.rate is not None
+    pool = _Pool(target, plan.max_connections)
+    rng = random.Random(plan.seed)
+    budget = _Budget(plan.max_requests)
+    running: set[asyncio.Task[None]] = set()
+    begin = time.perf_counter_ns()
+    end_s = plan.warmup + plan.duration
+    offset_s = 0.0
+    index = 0
+    try:
+        while offset_s < end_s and budget.take():
+            scheduled = begin + int(offset_s * 1e9)
+            wait_ns = scheduled - time.perf_counter_ns()
+            if wait_ns > 0:
+                await asyncio.sleep(wait_ns / 1e9)
+            now = time.perf_counter_ns()
+            warm = offset_s < plan.warmup
+            if not warm:
+                late.record(max(0, now - scheduled))
+            data, rows = requests[index % len(requests)]
+            index += 1
+            # From the schedule, or from the send when a coarse timer woke us early.
+            task = asyncio.create_task(
+                _one(pool, data, rows, min(scheduled, now), plan.timeout, None if warm else tally)
+            )
+            running.add(task)
+            task.add_done_callback(running.discard)
+            offset_s += rng.expovariate(plan.rate) if plan.poisson else 1.0 / plan.rate
+        if running:
+            await asyncio.gather(*running)
+    finally:
+        pool.close()
+
+
+async def _tick(lag: LatencyHistogram, stop: asyncio.Event) -> None:
+    """Records how late a 1 ms sleep wakes up: the client's own scheduling lag."""
+    while not stop.is_set():
+        before = time.perf_counter_ns()
+        await asyncio.sleep(_TICK_S)
+        lag.record(max(0, time.perf_counter_ns() - before - int(_TICK_S * 1e9)))
+
+
+async def run_level(
+    target: Target, path: str, prepared: list[PreparedRequest], plan: Plan
+) -> LevelResult:
+    """Runs one load level against `path` and returns what it saw."""
+    if not prepared:
+        raise ValueError("no requests to send")
+    requests = [(request_bytes(target, path, r), r.rows) for r in prepared]
+    tally = Tally()
+    lag = LatencyHistogram()
+    late = LatencyHistogram()
+    stop = asyncio.Event()
+    ticker = asyncio.create_task(_tick(lag, stop))
+    cpu_before = time.process_time()
+    started = time.perf_counter()
+    try:
+        if plan.mode == "closed":
+            await _closed(target, requests, plan, tally)
+        else:
+            await _open(target, requests, plan, tally, late)
+    finally:
+        stop.set()
+        await ticker
+    wall = time.perf_counter() - started
+    # From the end of the warm-up to the last answer: in-flight requests count.
+    seconds = max(wall - plan.warmup, 1e-9)
+    client = ClientLoad(cpu=(time.process_time() - cpu_before) / wall, lag=lag, late=late)
+    return LevelResult(plan, seconds, tally, client)
