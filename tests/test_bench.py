@@ -150,3 +150,60 @@ def test_the_command_line_writes_json_and_csv(server: LiveServer, tmp_path: Path
     assert [level["level"] for level in document["levels"]] == [1, 4]
     assert all(level["errors"] == 0 and level["ok"] > 0 for level in document["levels"])
     assert out_csv.read_text().count("\n") == 3  # header and two levels
+    # A second run, then both side by side, drawn too.
+    again, picture = tmp_path / "again.json", tmp_path / "both.png"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidegate",
+            "bench",
+            server.url,
+            "--model",
+            "digits",
+            "--concurrency",
+            "4",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.1",
+            "--json",
+            str(again),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    compared = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidegate",
+            "bench",
+            "--compare",
+            str(out_json),
+            str(again),
+            "--plot",
+            str(picture),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert compared.returncode == 0, compared.stderr
+    assert "B/A" in compared.stdout
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_command_line_needs_a_url_and_model_or_compare():
+    done = subprocess.run(
+        [sys.executable, "-m", "tidegate", "bench", "--concurrency", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "a load needs URL and --model" in done.stderr

@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tidegate"
 LAYERS = {
     0: {"__init__", "errors", "config", "protocol", "stats", "kernels", "histogram"},
-    1: {"codec", "runtime", "repository", "executor", "drift", "workload", "loadgen"},
+    1: {"codec", "runtime", "repository", "executor", "drift", "workload", "loadgen", "benchplot"},
     2: {"batcher", "registry", "poller", "observer", "bench"},
     3: {"infer", "v2", "app", "client", "metrics"},
     4: {"server", "cli", "__main__"},
@@ -27,6 +27,7 @@ OWNERS = {
     "rich": {"cli"},
     "numba": {"kernels"},
     "prometheus_client": {"metrics"},
+    "matplotlib": {"benchplot"},
     "orjson": {"codec", "infer", "v2", "workload", "bench"},
 }
 

@@ -147,15 +147,16 @@ def run(
     prepared: list[PreparedRequest],
     plan: Plan,
     processes: int = 1,
+    live: Tally | None = None,
 ) -> LevelResult:
-    """One level in this process (the caller's event loop is not used), or split over
-    `processes` client processes, merged."""
+    """One level in this process (the caller's event loop is not used), counting into
+    `live` as it goes, or split over `processes` client processes, merged at the end."""
     path = target.infer_path(model, version)
     plans = split(plan, processes)
     if len(plans) == 1:
         import uvloop
 
-        return uvloop.run(run_level(target, path, prepared, plans[0]))
+        return uvloop.run(run_level(target, path, prepared, plans[0], live))
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(plans), mp_context=context) as pool:
         futures = [pool.submit(_run_in_process, target, path, prepared, p) for p in plans]

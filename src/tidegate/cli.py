@@ -4,6 +4,7 @@ stays fast."""
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from tidegate.client import ControlClient, IndexRow, ServerMetadata
+    from tidegate.loadgen import Plan, Tally
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -428,6 +430,24 @@ _BENCH_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         ),
         {"type": _OUTPUT_FILE, "default": None, "help": "Write one row per level to FILE."},
     ),
+    (
+        ("--plot", "plot_path"),
+        {
+            "type": _OUTPUT_FILE,
+            "default": None,
+            "help": "Draw latency percentiles against throughput, and the latency "
+            "distributions, to FILE.png.",
+        },
+    ),
+    (
+        ("--compare",),
+        {
+            "type": click.Path(exists=True, dir_okay=False, path_type=Path),
+            "nargs": 2,
+            "default": None,
+            "help": "Instead of a load: put two --json results side by side.",
+        },
+    ),
 ]
 
 
@@ -439,8 +459,8 @@ def _bench_options(command: _Command) -> _Command:
 
 
 @main.command(short_help="Load-test a V2 server (tidegate, MLServer, Triton).")
-@click.argument("url")
-@click.option("--model", required=True, help="The model to send requests to.")
+@click.argument("url", required=False)
+@click.option("--model", help="The model to send requests to (required to run a load).")
 @click.option("--version", default=None, help="A model version (default: the server's choice).")
 @click.option("--concurrency", default=None, help="Closed loop: connections, e.g. 1,8,64.")
 @click.option("--rate", default=None, help="Open loop: requests per second, e.g. 500,1000.")
@@ -478,11 +498,21 @@ def bench(
     processes: int,
     json_path: Path | None,
     csv_path: Path | None,
+    plot_path: Path | None,
+    compare: tuple[Path, Path] | None,
 ) -> None:
-    """Drive URL's model with load levels and report throughput and latency."""
-    from tidegate import bench as runner
-    from tidegate.loadgen import Plan, Target
+    """Drive URL's model with load levels and report throughput and latency; or, with
+    --compare, show two earlier runs side by side."""
+    from rich.live import Live
 
+    from tidegate import bench as runner
+    from tidegate.loadgen import Plan, Tally, Target
+
+    if compare:
+        _compare(compare, plot_path)
+        return
+    if url is None or model is None:
+        raise click.UsageError("a load needs URL and --model (or give --compare A.json B.json)")
     try:
         target = Target.parse(url)
     except ValueError as exc:
@@ -516,8 +546,9 @@ def bench(
             "connections" if plan.mode == "closed" else "requests/s"
         )
         before = runner.server_stats(target, model, version)
-        with console.status(f"{what}: {warmup:g} s warm-up, {duration:g} s measured…"):
-            result = runner.run(target, model, version, prepared, plan, processes)
+        live = Tally()
+        with Live(_Progress(what, plan, live, processes), console=console, transient=True):
+            result = runner.run(target, model, version, prepared, plan, processes, live)
         after = runner.server_stats(target, model, version)
         row = runner.summary(result, runner.server_times(before, after))
         results.append((result, row))
@@ -537,6 +568,76 @@ def bench(
         runner.write_json(json_path, meta, results)
     if csv_path is not None:
         runner.write_csv(csv_path, rows)
+    if plot_path is not None:
+        from tidegate.benchplot import plot
+
+        plot([(f"{model} {protocol}", rows)], plot_path)
+
+
+def _compare(paths: tuple[Path, Path], plot_path: Path | None) -> None:
+    """Levels of two --json results, matched by mode and level, B against A."""
+    from rich.table import Table
+
+    from tidegate import bench as runner
+
+    try:
+        a, b = (runner.read_json(path) for path in paths)
+    except (OSError, ValueError) as exc:
+        raise CommandError(str(exc)) from exc
+    table = Table(title=f"A: {paths[0]}   B: {paths[1]}")
+    for column in (
+        "mode",
+        "level",
+        "A req/s",
+        "B req/s",
+        "B/A",
+        "A p50",
+        "B p50",
+        "B/A",
+        "A p99",
+        "B p99",
+        "B/A",
+    ):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    theirs = {(level["mode"], level["level"]): level for level in b["levels"]}
+    for mine in a["levels"]:
+        other = theirs.get((mine["mode"], mine["level"]))
+        if other is None:
+            continue
+        cells = [mine["mode"], f"{mine['level']:g}"]
+        for key in ("ok_per_s", "p50_ms", "p99_ms"):
+            x, y = mine[key], other[key]
+            ratio = f"{y / x:.2f}" if x and y is not None else "-"
+            cells += [
+                _ms(x) if key != "ok_per_s" else f"{x:,.0f}",
+                _ms(y) if key != "ok_per_s" else f"{y:,.0f}",
+                ratio,
+            ]
+        table.add_row(*cells)
+    console = _console()
+    console.width = max(console.width, 140)
+    console.print(table)
+    if plot_path is not None:
+        from tidegate.benchplot import plot
+
+        plot([(str(paths[0]), a["levels"]), (str(paths[1]), b["levels"])], plot_path)
+
+
+class _Progress:
+    """What `rich.live.Live` redraws while a level runs: time, and counts so far."""
+
+    def __init__(self, what: str, plan: "Plan", tally: "Tally", processes: int) -> None:
+        self._what, self._plan, self._tally, self._processes = what, plan, tally, processes
+        self._started = time.monotonic()
+
+    def __rich__(self) -> str:
+        elapsed = time.monotonic() - self._started
+        plan, tally = self._plan, self._tally
+        phase = "warming up" if elapsed < plan.warmup else "measuring"
+        text = f"{self._what}: {phase}, {elapsed:.1f} / {plan.warmup + plan.duration:g} s"
+        if self._processes == 1:
+            text += f", {tally.ok:,} ok, {sum(tally.errors.values()):,} errors"
+        return text
 
 
 def _ms(value: float | None) -> str:

@@ -26,6 +26,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
+from typing import cast
 from urllib.parse import urlsplit
 
 from tidegate.histogram import LatencyHistogram
@@ -72,38 +73,79 @@ def request_bytes(target: Target, path: str, request: PreparedRequest) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + request.body
 
 
-class Connection:
-    """One kept-alive HTTP/1.1 connection that sends a request and reads its answer."""
+class Connection(asyncio.Protocol):
+    """One kept-alive HTTP/1.1 connection: sends a request, reads its answer's status.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
+    A protocol object rather than a stream reader: answers are framed right in
+    `data_received`, with a few bytes.find calls, and the body is skipped, not
+    copied. That halves the client's CPU per request, CPU it would otherwise take
+    from the server it measures when both share a machine."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[int] | None = None
+        self._lost: BaseException | None = None
 
     @classmethod
     async def open(cls, target: Target) -> "Connection":
-        reader, writer = await asyncio.open_connection(target.host, target.port)
-        return cls(reader, writer)
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(cls, target.host, target.port)
+        return connection
 
-    async def exchange(self, data: bytes) -> tuple[int, bytes]:
-        """Writes one request; returns the answer's status and body."""
-        self._writer.write(data)
-        head = await self._reader.readuntil(b"\r\n\r\n")
-        status_line, _, header_block = head.partition(b"\r\n")
-        parts = status_line.split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-            raise ProtocolError(f"not an HTTP/1.x status line: {status_line[:80]!r}")
-        length = None
-        for line in header_block.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-                break
-        if length is None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transports do not subclass asyncio.Transport, but are one.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = exc or ConnectionResetError("the server closed the connection")
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(self._lost)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        try:
+            status = self._answer()
+        except ProtocolError as exc:
+            waiter.set_exception(exc)
+            return
+        if status is not None:
+            waiter.set_result(status)
+
+    def _answer(self) -> int | None:
+        """The status of a complete answer at the buffer's start (then dropped), else None."""
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        if not buffer.startswith(b"HTTP/1.") or bytes(buffer[12:13]) not in (b" ", b"\r"):
+            raise ProtocolError(f"not an HTTP/1.x status line: {bytes(buffer[:40])!r}")
+        head = bytes(buffer[:end]).lower()
+        at = head.find(b"\r\ncontent-length:")
+        if at < 0:
             raise ProtocolError("the answer has no Content-Length (chunked is not read)")
-        return int(parts[1]), await self._reader.readexactly(length)
+        stop = head.find(b"\r\n", at + 17)
+        total = end + 4 + int(head[at + 17 : stop if stop > 0 else None])
+        if len(buffer) < total:
+            return None
+        status = int(buffer[9:12])
+        del buffer[:total]
+        return status
+
+    async def exchange(self, data: bytes) -> int:
+        """Writes one request; returns the answer's status once it has fully arrived."""
+        if self._lost is not None or self._transport is None:
+            raise ConnectionResetError("the connection is closed")
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(data)
+        return await self._waiter
 
     def close(self) -> None:
-        self._writer.close()
+        if self._transport is not None:
+            self._transport.close()
 
 
 @dataclass(slots=True)
@@ -222,7 +264,7 @@ async def _one(
     status = 0
     try:
         async with asyncio.timeout_at(deadline):
-            status, _ = await connection.exchange(data)
+            status = await connection.exchange(data)
     except TimeoutError:
         _count(tally, "timeout")
     except _BROKEN:
@@ -237,7 +279,7 @@ async def _one(
         _record(tally, status, rows, time.perf_counter_ns() - started_ns)
 
 
-_BROKEN = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ProtocolError)
+_BROKEN = (OSError, ProtocolError)
 
 
 def _count(tally: Tally | None, kind: str) -> None:
@@ -301,7 +343,7 @@ async def _closed_worker(
             status = 0
             try:
                 async with asyncio.timeout(plan.timeout):
-                    status, _ = await connection.exchange(data)
+                    status = await connection.exchange(data)
             except TimeoutError:
                 _count(counted, "timeout")
             except _BROKEN:
@@ -383,13 +425,18 @@ async def _tick(lag: LatencyHistogram, stop: asyncio.Event) -> None:
 
 
 async def run_level(
-    target: Target, path: str, prepared: list[PreparedRequest], plan: Plan
+    target: Target,
+    path: str,
+    prepared: list[PreparedRequest],
+    plan: Plan,
+    tally: Tally | None = None,
 ) -> LevelResult:
-    """Runs one load level against `path` and returns what it saw."""
+    """Runs one load level against `path` and returns what it saw (counted into `tally`,
+    when given, as it goes: a progress display may read it meanwhile)."""
     if not prepared:
         raise ValueError("no requests to send")
     requests = [(request_bytes(target, path, r), r.rows) for r in prepared]
-    tally = Tally()
+    tally = Tally() if tally is None else tally
     lag = LatencyHistogram()
     late = LatencyHistogram()
     stop = asyncio.Event()
