@@ -115,34 +115,27 @@ def test_open_loop_shows_a_stall_that_the_closed_loop_hides(stalling: Target):
     assert open_row["p90_ms"] >= 50
 
 
-def test_the_command_line_writes_json_and_csv(server: LiveServer, tmp_path: Path):
+def _tidegate(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "tidegate", "bench", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_the_command_line_writes_json_csv_and_a_comparison(server: LiveServer, tmp_path: Path):
     out_json, out_csv = tmp_path / "run.json", tmp_path / "run.csv"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidegate",
-            "bench",
-            server.url,
-            "--model",
-            "digits",
-            "--concurrency",
-            "1,4",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.1",
-            "--protocol",
-            "binary",
-            "--json",
-            str(out_json),
-            "--csv",
-            str(out_csv),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    short = ["--duration", "0.5", "--warmup", "0.1"]
+    done = _tidegate(
+        server.url,
+        "--model",
+        "digits",
+        "--concurrency",
+        "1,4",
+        *short,
+        "--protocol",
+        "binary",
+        "--json",
+        str(out_json),
+        "--csv",
+        str(out_csv),
     )
     assert done.returncode == 0, done.stderr
     assert "p99 ms" in done.stdout
@@ -152,58 +145,17 @@ def test_the_command_line_writes_json_and_csv(server: LiveServer, tmp_path: Path
     assert out_csv.read_text().count("\n") == 3  # header and two levels
     # A second run, then both side by side, drawn too.
     again, picture = tmp_path / "again.json", tmp_path / "both.png"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidegate",
-            "bench",
-            server.url,
-            "--model",
-            "digits",
-            "--concurrency",
-            "4",
-            "--duration",
-            "0.5",
-            "--warmup",
-            "0.1",
-            "--json",
-            str(again),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
+    done = _tidegate(
+        server.url, "--model", "digits", "--concurrency", "4", *short, "--json", str(again)
     )
-    compared = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tidegate",
-            "bench",
-            "--compare",
-            str(out_json),
-            str(again),
-            "--plot",
-            str(picture),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    assert done.returncode == 0, done.stderr
+    compared = _tidegate("--compare", str(out_json), str(again), "--plot", str(picture))
     assert compared.returncode == 0, compared.stderr
     assert "B/A" in compared.stdout
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_command_line_needs_a_url_and_model_or_compare():
-    done = subprocess.run(
-        [sys.executable, "-m", "tidegate", "bench", "--concurrency", "1"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _tidegate("--concurrency", "1")
     assert done.returncode == 2
     assert "a load needs URL and --model" in done.stderr
