@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LiveServer, free_port
 from tidegate import bench as runner
@@ -20,12 +21,29 @@ from tidegate.workload import InputSpec, random_requests
 HERE = Path(__file__).resolve().parent
 
 
+def _served(server: LiveServer, outcome: str) -> float:
+    """diabetes v1's request count by outcome, scraped from /metrics and parsed."""
+    text = server.client.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "tidegate_inference_requests_total" and sample.labels == {
+                "model": "diabetes",
+                "version": "1",
+                "outcome": outcome,
+            }:
+                return sample.value
+    raise AssertionError("no tidegate_inference_requests sample for diabetes v1")
+
+
 def test_closed_loop_counts_agree_with_the_servers_stats(server: LiveServer):
     target = Target.parse(server.url)
     prepared = runner.prepare(target, "diabetes", "1", "random", 3, binary=True)
     before = runner.server_stats(target, "diabetes", "1")
+    scraped = _served(server, "success"), _served(server, "failure")
     result = runner.run(target, "diabetes", "1", prepared, Plan(concurrency=4, max_requests=300))
     after = runner.server_stats(target, "diabetes", "1")
+    assert _served(server, "success") - scraped[0] == 300
+    assert _served(server, "failure") - scraped[1] == 0
     times = runner.server_times(before, after)
     assert result.tally.errors == {}
     assert result.tally.ok == 300

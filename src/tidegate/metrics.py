@@ -1,7 +1,8 @@
 """The only prometheus_client importer: what `GET /metrics` exposes.
 
-Drift gauges are computed when scraped (from each version's drift report), never
-on the request path. Label cardinality is bounded: at most
+Everything is computed when scraped, never on the request path: request counts
+from the per-version statistics that `/stats` reads too, drift gauges from each
+version's drift report. Label cardinality is bounded: at most
 `MAX_FEATURES_PER_VERSION` features per model version get a PSI series (the
 first ones, in a stable order, so series do not come and go between scrapes);
 the per-version maximum PSI covers the rest.
@@ -73,9 +74,44 @@ class DriftCollector:
         yield from (psi, max_psi, verdict, dropped, queue)
 
 
+class InferenceCollector:
+    """Request, row and run counts and queue depth of every serving version, read from
+    the statistics the hot path keeps anyway (Triton's /stats), at scrape time."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        requests = CounterMetricFamily(
+            "tidegate_inference_requests",
+            "Inference requests answered, by outcome (success, or failure: 4xx and 503).",
+            labels=[*labels, "outcome"],
+        )
+        rows = CounterMetricFamily(
+            "tidegate_inference_rows", "Rows inferred (a batch counts each row).", labels=labels
+        )
+        runs = CounterMetricFamily(
+            "tidegate_inference_runs", "Model runs: one per (joined) batch.", labels=labels
+        )
+        depth = GaugeMetricFamily(
+            "tidegate_queue_depth", "Requests waiting in the version's batch queue.", labels=labels
+        )
+        for deployment in self._registry.deployments():
+            version = [deployment.name, deployment.version_label]
+            stats = deployment.stats
+            requests.add_metric([*version, "success"], stats.success.count)
+            requests.add_metric([*version, "failure"], stats.fail.count)
+            rows.add_metric(version, stats.inference_count)
+            runs.add_metric(version, stats.execution_count)
+            depth.add_metric(version, deployment.batcher.depth)
+        yield from (requests, rows, runs, depth)
+
+
 def collectors(registry: Registry, observer: DriftObserver) -> CollectorRegistry:
     """A private collector registry (not the process-wide default) for one app."""
     collected = CollectorRegistry(auto_describe=False)
+    collected.register(InferenceCollector(registry))
     collected.register(DriftCollector(registry, observer))
     return collected
 
