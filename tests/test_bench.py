@@ -177,3 +177,14 @@ def test_the_command_line_needs_a_url_and_model_or_compare():
     done = _tidegate("--concurrency", "1")
     assert done.returncode == 2
     assert "a load needs URL and --model" in done.stderr
+
+
+def test_pipelined_requests_come_back_in_order_and_all_count(server: LiveServer):
+    target = Target.parse(server.url)
+    prepared = runner.prepare(target, "diabetes", "1", "random", 1, binary=False)
+    before = _served(server, "success")
+    plan = Plan(concurrency=8, pipeline=4, max_requests=400)
+    result = runner.run(target, "diabetes", "1", prepared, plan)
+    assert result.tally.errors == {}
+    assert result.tally.ok == 400
+    assert _served(server, "success") - before == 400

@@ -185,6 +185,7 @@ def level_to_dict(result: LevelResult) -> dict[str, Any]:
             "max_requests": plan.max_requests,
             "timeout": plan.timeout,
             "max_connections": plan.max_connections,
+            "pipeline": plan.pipeline,
             "seed": plan.seed,
         },
         "seconds": result.seconds,

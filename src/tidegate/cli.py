@@ -405,6 +405,14 @@ _BENCH_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         },
     ),
     (
+        ("--pipeline",),
+        {
+            "type": click.IntRange(min=1),
+            "default": 1,
+            "help": "Closed loop: requests in flight per connection (HTTP/1.1 pipelining).",
+        },
+    ),
+    (
         ("--processes",),
         {
             "type": click.IntRange(min=1),
@@ -495,6 +503,7 @@ def bench(
     batch_size: int,
     protocol: str,
     max_connections: int,
+    pipeline: int,
     processes: int,
     json_path: Path | None,
     csv_path: Path | None,
@@ -529,6 +538,7 @@ def bench(
         timeout=timeout,
         max_requests=max_requests,
         max_connections=max_connections,
+        pipeline=pipeline,
     )
     plans = [replace(base, concurrency=c) for c in concurrencies or ([] if rates else [1])]
     plans += [replace(base, rate=r, poisson=arrivals == "poisson") for r in rates]

@@ -25,6 +25,7 @@ silently.
 import asyncio
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
@@ -84,7 +85,8 @@ class Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._waiter: asyncio.Future[int] | None = None
+        # One per request written and not yet answered, in order (HTTP/1.1 pipelining).
+        self._waiters: deque[asyncio.Future[int]] = deque()
         self._lost: BaseException | None = None
 
     @classmethod
@@ -99,21 +101,25 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = exc or ConnectionResetError("the server closed the connection")
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(self._lost)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(self._lost)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return
-        try:
-            status = self._answer()
-        except ProtocolError as exc:
-            waiter.set_exception(exc)
-            return
-        if status is not None:
-            waiter.set_result(status)
+        while self._waiters:
+            try:
+                status = self._answer()
+            except ProtocolError as exc:
+                self._lost = exc
+                self.close()  # framing is lost: every waiter fails with the connection
+                return
+            if status is None:
+                return
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a timed-out request's answer is read and dropped
+                waiter.set_result(status)
 
     def _answer(self) -> int | None:
         """The status of a complete answer at the buffer's start (then dropped), else None."""
@@ -136,12 +142,14 @@ class Connection(asyncio.Protocol):
         return status
 
     async def exchange(self, data: bytes) -> int:
-        """Writes one request; returns the answer's status once it has fully arrived."""
+        """Writes one request; returns the answer's status once it has fully arrived.
+        Several may be outstanding at once: answers come back in order."""
         if self._lost is not None or self._transport is None:
             raise ConnectionResetError("the connection is closed")
-        self._waiter = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         self._transport.write(data)
-        return await self._waiter
+        return await waiter
 
     def close(self) -> None:
         if self._transport is not None:
@@ -194,6 +202,7 @@ class Plan:
     max_requests: int | None = None
     timeout: float = 30.0
     max_connections: int = 1024
+    pipeline: int = 1  # closed loop: requests in flight per connection (HTTP/1.1 pipelining)
     seed: int = 0
 
     @property
@@ -313,8 +322,33 @@ class _Budget:
         return True
 
 
+class _Shared:
+    """The connection a group of closed-loop workers pipelines its requests on."""
+
+    def __init__(self, target: Target) -> None:
+        self._target = target
+        self._connection: Connection | None = None
+        self._opening = asyncio.Lock()
+
+    async def get(self) -> Connection:
+        async with self._opening:
+            if self._connection is None:
+                self._connection = await Connection.open(self._target)
+            return self._connection
+
+    def discard(self, connection: Connection) -> None:
+        """Closes a connection whose state is unknown (its other requests fail too)."""
+        connection.close()
+        if self._connection is connection:
+            self._connection = None
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+
 async def _closed_worker(
-    target: Target,
+    shared: _Shared,
     requests: list[tuple[bytes, int]],
     offset: int,
     plan: Plan,
@@ -323,39 +357,33 @@ async def _closed_worker(
     budget: _Budget,
     tally: Tally,
 ) -> None:
-    """One connection sending request after request until the level ends."""
+    """Sends request after request, each when the previous answer is in, until the
+    level ends; `plan.pipeline` workers share one connection."""
     loop = asyncio.get_running_loop()
-    connection: Connection | None = None
     index = offset
-    try:
-        while loop.time() < stop_at and budget.take():
-            data, rows = requests[index % len(requests)]
-            index += 1
-            counted = tally if loop.time() >= measure_from else None
-            if connection is None:
-                try:
-                    connection = await Connection.open(target)
-                except OSError:
-                    _count(counted, "connection")
-                    await asyncio.sleep(0.01)  # a refusing server must not spin the client
-                    continue
-            started = time.perf_counter_ns()
-            status = 0
-            try:
-                async with asyncio.timeout(plan.timeout):
-                    status = await connection.exchange(data)
-            except TimeoutError:
-                _count(counted, "timeout")
-            except _BROKEN:
-                _count(counted, "connection")
-            if not status:
-                connection.close()
-                connection = None
-                continue
-            _record(counted, status, rows, time.perf_counter_ns() - started)
-    finally:
-        if connection is not None:
-            connection.close()
+    while loop.time() < stop_at and budget.take():
+        data, rows = requests[index % len(requests)]
+        index += 1
+        counted = tally if loop.time() >= measure_from else None
+        try:
+            connection = await shared.get()
+        except OSError:
+            _count(counted, "connection")
+            await asyncio.sleep(0.01)  # a refusing server must not spin the client
+            continue
+        started = time.perf_counter_ns()
+        status = 0
+        try:
+            async with asyncio.timeout(plan.timeout):
+                status = await connection.exchange(data)
+        except TimeoutError:
+            _count(counted, "timeout")
+        except _BROKEN:
+            _count(counted, "connection")
+        if not status:
+            shared.discard(connection)
+            continue
+        _record(counted, status, rows, time.perf_counter_ns() - started)
 
 
 async def _closed(
@@ -366,12 +394,26 @@ async def _closed(
     stop_at = measure_from + plan.duration
     budget = _Budget(plan.max_requests)
     assert plan.concurrency is not None
-    await asyncio.gather(
-        *(
-            _closed_worker(target, requests, i, plan, measure_from, stop_at, budget, tally)
-            for i in range(plan.concurrency)
+    groups = [_Shared(target) for _ in range(-(-plan.concurrency // plan.pipeline))]
+    try:
+        await asyncio.gather(
+            *(
+                _closed_worker(
+                    groups[i // plan.pipeline],
+                    requests,
+                    i,
+                    plan,
+                    measure_from,
+                    stop_at,
+                    budget,
+                    tally,
+                )
+                for i in range(plan.concurrency)
+            )
         )
-    )
+    finally:
+        for group in groups:
+            group.close()
 
 
 async def _open(
