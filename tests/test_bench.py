@@ -65,6 +65,8 @@ def test_open_loop_sends_at_the_rate(server: LiveServer):
     assert result.tally.errors == {}
     assert result.tally.ok == pytest.approx(300, abs=3)  # 1.5 s at 200/s, after the warm-up
     assert result.client.late.count == result.tally.ok
+    # Timers fire up to 1 ms late, so the client wakes early: sends leave on time.
+    assert result.client.late.percentile(90) < 500_000
 
 
 def test_errors_are_counted_by_kind(server: LiveServer, tmp_path: Path):

@@ -34,6 +34,7 @@ from tidegate.histogram import LatencyHistogram
 from tidegate.workload import PreparedRequest
 
 _TICK_S = 0.001  # period of the lag ticker
+_TIMER_SLACK_NS = 1_000_000  # how late an event-loop timer may fire (libuv: 1 ms)
 
 
 class ProtocolError(Exception):
@@ -437,15 +438,17 @@ async def _open(
         while offset_s < end_s and budget.take():
             scheduled = begin + int(offset_s * 1e9)
             wait_ns = scheduled - time.perf_counter_ns()
-            if wait_ns > 0:
-                await asyncio.sleep(wait_ns / 1e9)
+            if wait_ns > _TIMER_SLACK_NS:
+                # The loop's timers fire up to a millisecond late: wake that much early
+                # and send a little before the schedule rather than after it.
+                await asyncio.sleep((wait_ns - _TIMER_SLACK_NS) / 1e9)
             now = time.perf_counter_ns()
             warm = offset_s < plan.warmup
             if not warm:
                 late.record(max(0, now - scheduled))
             data, rows = requests[index % len(requests)]
             index += 1
-            # From the schedule, or from the send when a coarse timer woke us early.
+            # From the schedule, or from the send when it left early.
             task = asyncio.create_task(
                 _one(pool, data, rows, min(scheduled, now), plan.timeout, None if warm else tally)
             )
