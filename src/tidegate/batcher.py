@@ -217,25 +217,23 @@ class Batcher:
 
     def _execute(self, batch: _Batch) -> None:
         """Runs a batch and fills in each member's result (on a pool thread or the loop)."""
-        started = time.perf_counter_ns()
         members = batch.members
+        if len(members) == 1:
+            (member,) = members
+            batch.results = [self._run_alone(member.inputs, member.rows, member.queued_ns)]
+            return
+        started = time.perf_counter_ns()
         try:
-            if len(members) == 1:
-                inputs = members[0].inputs
-            else:
-                inputs = {
-                    name: np.concatenate([m.inputs[name] for m in members])
-                    for name in members[0].inputs
-                }
+            inputs = {
+                name: np.concatenate([m.inputs[name] for m in members])
+                for name in members[0].inputs
+            }
             joined = time.perf_counter_ns()
             outputs = self._model.run(inputs, batch.rows)
             ran = time.perf_counter_ns()
             shares = _split(outputs, [m.rows for m in members], batch.rows)
             split = time.perf_counter_ns()
-        except (TidegateError, _Unsplittable) as exc:
-            if len(members) == 1:
-                batch.results = [exc]
-                return
+        except (TidegateError, _Unsplittable):
             batch.results = [self._run_alone(m.inputs, m.rows, m.queued_ns) for m in members]
             return
         except Exception as exc:  # a bug: the handlers answer 500, the queue goes on
@@ -281,8 +279,6 @@ class Batcher:
 
 def _split(outputs: Tensors, sizes: list[int], rows: int) -> list[Tensors]:
     """Each request's rows of the outputs, as views."""
-    if len(sizes) == 1:
-        return [outputs]
     if any(array.shape[:1] != (rows,) for array in outputs.values()):
         raise _Unsplittable
     shares = []

@@ -10,7 +10,7 @@ import csv
 import http.client
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +107,7 @@ def server_times(before: dict[str, Any] | None, after: dict[str, Any] | None) ->
         return None
 
     def delta(key: str) -> tuple[int, int]:
-        a, b = after.get(key, {}), (before or {}).get(key, {})
+        a, b = after.get(key, {}), before.get(key, {})
         return a.get("count", 0) - b.get("count", 0), a.get("ns", 0) - b.get("ns", 0)
 
     count, total_ns = delta("success")
@@ -174,20 +174,8 @@ def run(
 
 
 def level_to_dict(result: LevelResult) -> dict[str, Any]:
-    plan = result.plan
     return {
-        "plan": {
-            "concurrency": plan.concurrency,
-            "rate": plan.rate,
-            "poisson": plan.poisson,
-            "duration": plan.duration,
-            "warmup": plan.warmup,
-            "max_requests": plan.max_requests,
-            "timeout": plan.timeout,
-            "max_connections": plan.max_connections,
-            "pipeline": plan.pipeline,
-            "seed": plan.seed,
-        },
+        "plan": asdict(result.plan),
         "seconds": result.seconds,
         "ok": result.tally.ok,
         "rows": result.tally.rows,
