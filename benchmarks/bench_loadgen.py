@@ -19,23 +19,20 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import orjson
 
-from bench_vs_mlserver import Server, free_port, run_wrk, running, stop
+from bench_vs_mlserver import run_wrk, running, spawn_tidegate
+from tidegate.workload import encode_request
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "digits"
 
 
 def request_file(folder: Path) -> Path:
+    """One V2 JSON request of digits' first reference row."""
     rows = np.load(ROOT / "models" / MODEL / "1" / "reference.npz")["input"][:1]
-    document = {
-        "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": rows.ravel().tolist()}
-        ]
-    }
+    body, _ = encode_request({"input": rows.astype(np.float32)}, {"input": "FP32"}, binary=False)
     path = folder / "request.json"
-    path.write_bytes(orjson.dumps(document))
+    path.write_bytes(body)
     return path
 
 
@@ -68,29 +65,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tidegate-loadgen-") as tmp:
         folder = Path(tmp)
         body = request_file(folder)
-        port = free_port()
-        command = [sys.executable, "-m", "tidegate", "serve", str(ROOT / "models")]
-        command += ["--host", "127.0.0.1", "--port", str(port)]
-        log = folder / "server.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=out)
         rows = []
-        try:
-            with running(Server("tidegate", True, port, process, log), [MODEL]):
-                for round_ in range(args.rounds):
-                    order = ["wrk", "tidegate"] if round_ % 2 == 0 else ["tidegate", "wrk"]
-                    cell: dict[str, tuple[float, float]] = {}
-                    for tool in order:
-                        if tool == "wrk":
-                            cell[tool] = wrk(port, body, args.concurrency, args.duration)
-                        else:
-                            out_json = folder / f"round{round_}.json"
-                            cell[tool] = tidegate_bench(
-                                port, body, args.concurrency, args.duration, out_json
-                            )
-                    rows.append(cell)
-        finally:
-            stop(process)
+        server = spawn_tidegate(ROOT / "models", folder / "server.log")
+        with running(server, [MODEL]):
+            for round_ in range(args.rounds):
+                order = ["wrk", "tidegate"] if round_ % 2 == 0 else ["tidegate", "wrk"]
+                cell: dict[str, tuple[float, float]] = {}
+                for tool in order:
+                    if tool == "wrk":
+                        cell[tool] = wrk(server.port, body, args.concurrency, args.duration)
+                    else:
+                        out_json = folder / f"round{round_}.json"
+                        cell[tool] = tidegate_bench(
+                            server.port, body, args.concurrency, args.duration, out_json
+                        )
+                rows.append(cell)
     print(f"Command: {' '.join(sys.argv)}\n")
     print("| round | wrk req/s | bench req/s | bench/wrk | wrk p50 ms | bench p50 ms | bench/wrk |")
     print("|---:|---:|---:|---:|---:|---:|---:|")

@@ -17,8 +17,6 @@ intra-op threads spin while idle (onnxruntime's default; tidegate's is not to).
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,13 +24,14 @@ from pathlib import Path
 from bench_vs_mlserver import (
     INPUT_SEEDS,
     MAX_BATCH_SIZE,
-    Payload,
+    Result,
     Server,
     build_models,
-    free_port,
     make_payload,
-    run_wrk,
+    measure,
     running,
+    spawn_tidegate,
+    write_repo,
 )
 
 DEFAULT_SETTING = f"1x{max(1, (os.cpu_count() or 1) // 2)}"  # tidegate's defaults
@@ -41,36 +40,12 @@ DEFAULT_SETTING = f"1x{max(1, (os.cpu_count() or 1) // 2)}"  # tidegate's defaul
 def start(root: Path, models: dict[str, Path], intra: int, threads: int, spin: bool) -> Server:
     """tidegate serving `models` with `intra` intra-op threads (spinning or not while idle)
     and `threads` executor threads."""
-    repo = root / f"repo-{intra}x{threads}{'s' if spin else ''}"
     config = (
         f"[batching]\nmax_batch_size = {MAX_BATCH_SIZE}\n[runtime]\nintra_op_threads = {intra}\n"
         f"intra_op_spinning = {'true' if spin else 'false'}\n"
     )
-    for name, path in models.items():
-        (repo / name / "1").mkdir(parents=True)
-        shutil.copyfile(path, repo / name / "1" / "model.onnx")
-        (repo / name / "config.toml").write_text(config)
-    port = free_port()
-    log = root / f"{repo.name}.log"
-    command = [sys.executable, "-m", "tidegate", "serve", str(repo), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--threads", str(threads)]
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=out)
-    return Server("tidegate", True, port, process, log)
-
-
-def measure(server: Server, payload: Payload, conc: int, seconds: float) -> dict[str, float]:
-    run_wrk(server.port, payload.model, payload.binary_file, payload.header_length, conc, 1)
-    raw = run_wrk(
-        server.port, payload.model, payload.binary_file, payload.header_length, conc, seconds
-    )
-    if raw["errors"]:
-        raise RuntimeError(f"{payload.model} c{conc}: {raw['errors']} errors")
-    return {
-        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
-        "p50": raw["p50_us"] / 1e3,
-        "p99": raw["p99_us"] / 1e3,
-    }
+    repo = write_repo(root / f"repo-{intra}x{threads}{'s' if spin else ''}", models, config)
+    return spawn_tidegate(repo, root / f"{repo.name}.log", "--threads", str(threads))
 
 
 def main() -> None:
@@ -83,7 +58,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     names = args.models.split(",")
     settings = args.settings.split(",")
-    results: dict[tuple[str, int, str], dict[str, float]] = {}
+    results: dict[tuple[str, int, str], Result] = {}
     with tempfile.TemporaryDirectory(prefix="tidegate-threads-") as tmp:
         root = Path(tmp)
         models = build_models(names, root / "onnx")
@@ -94,7 +69,9 @@ def main() -> None:
             with running(server, names) as server:
                 for payload in payloads:
                     for conc in levels:
-                        cell = measure(server, payload, conc, args.duration)
+                        cell = measure(server, payload, True, conc, args.duration)
+                        if cell.errors:
+                            raise RuntimeError(f"{payload.model} c{conc}: {cell.errors} errors")
                         results[(payload.model, conc, setting)] = cell
                         print(f"# {payload.model} c{conc} {setting} {cell}", file=sys.stderr)
     print(f"Command: {' '.join(sys.argv)}\n")
@@ -102,10 +79,10 @@ def main() -> None:
     print("|---|---:|---|---:|---:|---:|---:|")
     for (model, conc, setting), cell in results.items():
         default = results.get((model, conc, DEFAULT_SETTING))
-        ratio = f"{cell['rps'] / default['rps']:.2f}" if default else "-"
+        ratio = f"{cell.rps / default.rps:.2f}" if default else "-"
         print(
-            f"| {model} | {conc} | {setting} | {cell['rps']:,.0f} | {cell['p50']:.3f} | "
-            f"{cell['p99']:.3f} | {ratio} |"
+            f"| {model} | {conc} | {setting} | {cell.rps:,.0f} | {cell.p50_ms:.3f} | "
+            f"{cell.p99_ms:.3f} | {ratio} |"
         )
 
 

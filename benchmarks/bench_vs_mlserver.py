@@ -56,6 +56,7 @@ import orjson
 from onnx import TensorProto, helper, numpy_helper
 
 import tidegate
+from tidegate.workload import encode_request
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -201,22 +202,22 @@ def make_payload(name: str, path: Path, out: Path, seed: int) -> Payload:
     rng = np.random.default_rng(seed)
     mean, std = _feature_scale(name)
     feeds: dict[str, np.ndarray] = {}
-    json_inputs, binary_inputs, blobs = [], [], []
+    datatypes: dict[str, str] = {}
     for arg in session.get_inputs():
         shape = [ROWS_PER_REQUEST, *arg.shape[1:]]
-        array = (mean + std * rng.standard_normal(shape)).astype(NUMPY_TYPES[V2_TYPES[arg.type]])
-        feeds[arg.name] = array
-        entry = {"name": arg.name, "shape": shape, "datatype": V2_TYPES[arg.type]}
-        json_inputs.append({**entry, "data": array.ravel().tolist()})
-        binary_inputs.append({**entry, "parameters": {"binary_data_size": array.nbytes}})
-        blobs.append(array.tobytes())
+        datatypes[arg.name] = V2_TYPES[arg.type]
+        feeds[arg.name] = (mean + std * rng.standard_normal(shape)).astype(
+            NUMPY_TYPES[datatypes[arg.name]]
+        )
     outputs = [o.name for o in session.get_outputs()]
     expected = dict(zip(outputs, session.run(outputs, feeds), strict=True))
-    header = orjson.dumps({"inputs": binary_inputs, "parameters": {"binary_data_output": True}})
+    json_body, _ = encode_request(feeds, datatypes, binary=False)
+    binary_body, header_length = encode_request(feeds, datatypes, binary=True)
+    assert header_length is not None
     json_file, binary_file = out / f"{name}.json", out / f"{name}.bin"
-    json_file.write_bytes(orjson.dumps({"inputs": json_inputs}))
-    binary_file.write_bytes(header + b"".join(blobs))
-    return Payload(name, json_file, binary_file, len(header), expected)
+    json_file.write_bytes(json_body)
+    binary_file.write_bytes(binary_body)
+    return Payload(name, json_file, binary_file, header_length, expected)
 
 
 # -- servers ----------------------------------------------------------------------------
@@ -270,19 +271,20 @@ def log_tail(log: Path, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def write_tidegate_repo(root: Path, models: dict[str, Path], batching: bool) -> Path:
-    """REPO/<name>/1/model.onnx plus a config.toml that turns dynamic batching on or off."""
-    repo = root / f"tidegate-{'on' if batching else 'off'}"
-    config = (
-        f"[batching]\ndynamic = true\nmax_batch_size = {MAX_BATCH_SIZE}\n"
-        if batching
-        else "[batching]\ndynamic = false\n"
-    )
+def write_repo(repo: Path, models: dict[str, Path], config: str) -> Path:
+    """A tidegate repository: REPO/<name>/1/model.onnx, and `config` as each config.toml."""
     for name, path in models.items():
         (repo / name / "1").mkdir(parents=True)
         shutil.copyfile(path, repo / name / "1" / "model.onnx")
         (repo / name / "config.toml").write_text(config)
     return repo
+
+
+def batching_config(batching: bool) -> str:
+    """config.toml text that turns dynamic batching on (up to MAX_BATCH_SIZE rows) or off."""
+    if batching:
+        return f"[batching]\ndynamic = true\nmax_batch_size = {MAX_BATCH_SIZE}\n"
+    return "[batching]\ndynamic = false\n"
 
 
 def write_mlserver_repo(root: Path, models: dict[str, Path], batching: bool, port: int) -> Path:
@@ -321,15 +323,19 @@ def _spawn(
         return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def start_tidegate(root: Path, models: dict[str, Path], batching: bool) -> Server:
-    """`python -m tidegate serve` (this interpreter) on a fresh repository and port."""
-    repo = write_tidegate_repo(root, models, batching)
+def spawn_tidegate(repo: Path, log: Path, *extra: str, batching: bool = True) -> Server:
+    """`python -m tidegate serve REPO` (this interpreter) on a free loopback port."""
     port = free_port()
     command = [sys.executable, "-m", "tidegate", "serve", str(repo), "--host", "127.0.0.1"]
-    command += ["--port", str(port)]
-    log = root / f"{repo.name}.log"
-    process = _spawn(command, root, log, dict(os.environ))
+    command += ["--port", str(port), *extra]
+    process = _spawn(command, log.parent, log, dict(os.environ))
     return Server("tidegate", batching, port, process, log)
+
+
+def start_tidegate(root: Path, models: dict[str, Path], batching: bool) -> Server:
+    """tidegate on a fresh repository of `models`, batching on or off."""
+    repo = write_repo(root / f"tidegate-{_onoff(batching)}", models, batching_config(batching))
+    return spawn_tidegate(repo, root / f"{repo.name}.log", batching=batching)
 
 
 def start_mlserver(root: Path, models: dict[str, Path], batching: bool, python: str) -> Server:
