@@ -4,8 +4,11 @@
     ├── BadRequest (400)       a request or a model file the server cannot use
     │   └── ModelLoadError     a model version that failed to load (names the file)
     ├── ConfigError (400)      a config file with a bad or unknown key (names file and key)
+    ├── Unauthorized (401)     no bearer token, or one the auth file does not know
+    ├── Forbidden (403)        a known token without the role an endpoint needs
     ├── NotFound (404)         an unknown or unloaded model or version
     ├── MethodNotAllowed (405)
+    ├── Conflict (409)         a control action the model's current state does not allow
     ├── TooLarge (413)         a body over the configured limit
     └── Overloaded (503)       no room in a bounded queue; carries `retry_after` seconds
 
@@ -37,6 +40,18 @@ class ModelLoadError(BadRequest):
 
 class ConfigError(BadRequest):
     """A config file is malformed or has an unknown key."""
+
+
+class Unauthorized(TidegateError):
+    status = HTTPStatus.UNAUTHORIZED
+
+
+class Forbidden(TidegateError):
+    status = HTTPStatus.FORBIDDEN
+
+
+class Conflict(TidegateError):
+    status = HTTPStatus.CONFLICT
 
 
 class NotFound(TidegateError):
