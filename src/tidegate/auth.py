@@ -231,11 +231,13 @@ class AuthFile:
     Why the check is constant-time with respect to the secret: the presented token is
     hashed first, and only its sha256 digest is looked up, in a dict keyed by the stored
     digests. Nothing ever compares the token itself with anything, so a timing difference
-    can only be about digests: with keys compared by their (per-process, randomly keyed)
-    string hash before any byte comparison, a lookup takes the same time whatever digest
-    misses, and even a leaked digest prefix would not help anyone find a token that has it
-    (sha256 is preimage-resistant). That is the property `hmac.compare_digest` provides,
-    at the cost of one lookup instead of one comparison per token.
+    can only be about digests. Even that is small: the dict compares bytes only after the
+    (per-process, randomly keyed) string hashes match, so what a lookup's time depends on
+    is a keyed hash of the digest, which an attacker can neither choose nor read. And a
+    leaked digest, or part of one, would not help anyone find a token that has it (sha256
+    is preimage-resistant). That is the property `hmac.compare_digest` provides, at the
+    cost of one lookup instead of one comparison per stored token; a compare_digest after
+    the lookup would compare a digest with an equal one, so there is none.
 
     The hot path, when the file has not changed, is: split the header, one sha256, one
     monotonic clock read, one dict lookup. At most once per `check_interval` seconds the
