@@ -12,23 +12,48 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "tidegate"
 LAYERS = {
-    0: {"__init__", "errors", "config", "protocol", "stats", "kernels", "histogram"},
-    1: {"codec", "runtime", "repository", "executor", "drift", "workload", "loadgen", "benchplot"},
-    2: {"batcher", "registry", "poller", "observer", "bench"},
-    3: {"infer", "v2", "app", "client", "metrics"},
+    0: {
+        "__init__",
+        "errors",
+        "config",
+        "protocol",
+        "stats",
+        "kernels",
+        "histogram",
+        "traffic",
+        "audit",
+        "state",
+        "auth",
+        "jsonlog",
+    },
+    1: {
+        "codec",
+        "runtime",
+        "repository",
+        "executor",
+        "drift",
+        "workload",
+        "loadgen",
+        "benchplot",
+        "judge",
+        "rollout",
+        "requestlog",
+    },
+    2: {"batcher", "registry", "poller", "observer", "bench", "canary", "control"},
+    3: {"infer", "v2", "app", "client", "metrics", "control_api"},
     4: {"server", "cli", "__main__"},
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
 OWNERS = {
     "onnxruntime": {"runtime"},
-    "starlette": {"v2", "app"},
+    "starlette": {"v2", "app", "control_api"},
     "uvicorn": {"server"},
     "click": {"cli"},
     "rich": {"cli"},
     "numba": {"kernels"},
     "prometheus_client": {"metrics"},
     "matplotlib": {"benchplot"},
-    "orjson": {"codec", "infer", "v2", "workload", "bench"},
+    "orjson": {"codec", "infer", "v2", "workload", "bench", "requestlog"},
 }
 
 

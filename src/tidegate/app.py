@@ -12,7 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tidegate.canary import Traffic
 from tidegate.config import ServerConfig
+from tidegate.control import ControlPlane
+from tidegate.control_api import ControlApi
 from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import InferRouter, error_parts
@@ -79,7 +82,10 @@ def create_app(config: ServerConfig) -> InferRouter:
     executor = InferenceExecutor(config.executor_threads)
     registry = Registry(config.repository, executor)
     observer = DriftObserver()
-    plane = DataPlane(registry, executor, config.max_body_bytes)
+    traffic = Traffic(registry, observer)
+    state_dir = config.state_dir or config.repository / ".tidegate"
+    control = ControlPlane(registry, traffic, state_dir)
+    plane = DataPlane(registry, executor, config.max_body_bytes, control.record)
     metrics = collectors(registry, observer)
 
     async def metrics_endpoint(request: Request) -> Response:
@@ -96,15 +102,20 @@ def create_app(config: ServerConfig) -> InferRouter:
         if poller is not None:
             await poller.prime()
         await registry.load_all()
+        await control.restore()
         # Everything alive now (modules, sessions, profiles) lives as long as the server:
         # keep it out of the collector's full passes, whose cost under load grows with
         # every object they visit.
         gc.freeze()
         observer.start()
         polling = None if poller is None else asyncio.create_task(poller.run())
+        judging = asyncio.create_task(control.run())
         try:
             yield
         finally:
+            judging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await judging
             if polling is not None:
                 polling.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -112,9 +123,14 @@ def create_app(config: ServerConfig) -> InferRouter:
             # The server has stopped taking requests and drained those in flight.
             executor.shutdown()
             observer.stop()
+            control.audit.close()
 
     app = Starlette(
-        routes=[*_routes(plane), Route("/metrics", metrics_endpoint, methods=["GET"])],
+        routes=[
+            *_routes(plane),
+            *ControlApi(control, config.max_body_bytes).routes(),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
         lifespan=lifespan,
         exception_handlers={
             TidegateError: _tidegate_error,
@@ -122,4 +138,4 @@ def create_app(config: ServerConfig) -> InferRouter:
             Exception: _unexpected_error,
         },
     )
-    return InferRouter(app, registry, observer, config.max_body_bytes)
+    return InferRouter(app, registry, traffic, observer, config.max_body_bytes)

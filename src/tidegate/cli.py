@@ -73,6 +73,13 @@ def main() -> None:
     help="Also scan the repository every S seconds and (re)load versions whose files "
     "changed, once they are complete. Default: only the repository API changes models.",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where traffic policies, rollouts and the audit log live "
+    "(default: REPOSITORY/.tidegate).",
+)
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 @click.option(
     "--log-level",
@@ -87,6 +94,7 @@ def serve(
     max_body_size: int,
     threads: int | None,
     poll_interval: float | None,
+    state_dir: Path | None,
     access_log: bool,
     log_level: str,
 ) -> None:
@@ -101,8 +109,10 @@ def serve(
         max_body_bytes=max_body_size,
         poll_interval=poll_interval,
         log_level=log_level,
-        **({} if threads is None else {"executor_threads": threads}),
+        state_dir=None if state_dir is None else state_dir.resolve(),
     )
+    if threads is not None:
+        config = replace(config, executor_threads=threads)
     run_server(config, access_log=access_log)
 
 

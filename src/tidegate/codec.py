@@ -46,6 +46,7 @@ class InferRequest:
     outputs: tuple[RequestedOutput, ...]  # empty: every output, in model order
     binary_output: bool  # `binary_data_output`: the default for outputs that do not say
     timeout_us: int | None  # the `timeout` parameter: how long it may wait to run
+    routing_key: bytes | None  # the `routing_key` parameter: which side of a canary split
 
 
 def _shape(spec: TensorSpec, raw: object) -> tuple[int, ...]:
@@ -302,7 +303,19 @@ def decode_request(
         outputs=_requested_outputs(request.get("outputs"), meta, binary_output),
         binary_output=binary_output,
         timeout_us=_timeout(parameters),
+        routing_key=_routing_key(parameters),
     )
+
+
+def _routing_key(parameters: dict[str, Any]) -> bytes | None:
+    """tidegate's `routing_key` request parameter: requests with the same key see the
+    same version of a model with a canary (see `traffic`)."""
+    key = parameters.get("routing_key")
+    if key is None:
+        return None
+    if isinstance(key, bool) or not isinstance(key, str | int):
+        raise BadRequest(f"parameter 'routing_key' must be a string, not {key!r}")
+    return str(key).encode()
 
 
 def _timeout(parameters: dict[str, Any]) -> int | None:

@@ -5,6 +5,7 @@ or key, or a value of the wrong type, is a `ConfigError` naming the file and the
 key, so a typo never silently falls back to a default.
 """
 
+import itertools
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -96,12 +97,35 @@ class DriftConfig:
 
 
 @dataclass(slots=True, frozen=True)
+class RolloutConfig:
+    """A progressive rollout's steps, pace and the canary judge's thresholds (DRIFT.md).
+
+    A model's `[rollout]` section sets its defaults; a rollout request may override any
+    key. Reaching the last step, 100 %, is the promotion: at 100 % stable serves
+    nothing, so there is nothing left to compare the canary against."""
+
+    steps: tuple[float, ...] = (5.0, 25.0, 50.0, 100.0)  # canary weight per step, percent
+    mode: str = "split"  # or "shadow": stable answers, the canary runs on a mirrored share
+    min_rows: int = 500  # canary requests a step needs before it can pass
+    min_dwell_s: float = 30.0  # seconds a step lasts at least
+    max_dwell_s: float = 600.0  # past this with no verdict the step holds (and says so)
+    epoch_s: float = 1.0  # seconds between two looks of the judge
+    alpha: float = 0.05  # false-rollback budget of the whole rollout
+    error_margin: float = 0.1  # canary error rate may be at most stable's * (1 + this)
+    latency_p99_ratio: float = 1.5  # canary p99 / stable p99 budget
+    min_latency_samples: int = 200  # per side, before latency is judged
+    psi: float = 0.1  # effect gate of the prediction check (class-share PSI)
+    disagreement: float = 0.05  # shadow mode: budget for the rate of differing predictions
+
+
+@dataclass(slots=True, frozen=True)
 class ModelConfig:
     versions: VersionPolicy = field(default_factory=VersionPolicy)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass(slots=True, frozen=True)
@@ -120,6 +144,8 @@ class ServerConfig:
     # None: models change only through the repository API.
     poll_interval: float | None = None
     log_level: str = "info"
+    # Traffic policies, rollouts and the audit log; None: <repository>/.tidegate
+    state_dir: Path | None = None
 
 
 class _Section:
@@ -159,6 +185,12 @@ class _Section:
             raise ConfigError(f"{self.path}: {self.name}.{key} must be between {low} and {high}")
         return value
 
+    def number(self, key: str, default: float, minimum: float) -> float:
+        value = float(self.get(key, (int, float), default))
+        if not value >= minimum:  # also refuses NaN
+            raise ConfigError(f"{self.path}: {self.name}.{key} must be >= {minimum}")
+        return value
+
     def done(self) -> None:
         unknown = sorted(set(self.table) - self.seen)
         if unknown:
@@ -188,7 +220,7 @@ def _providers(section: _Section) -> tuple[str, ...]:
 
 def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
     """Builds a ModelConfig from parsed TOML; `path` is only used in error messages."""
-    known = {"versions", "batching", "runtime", "validation", "drift"}
+    known = {"versions", "batching", "runtime", "validation", "drift", "rollout"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{path}: unknown section [{unknown[0]}]")
@@ -208,9 +240,10 @@ def parse_model_config(path: Path, data: dict[str, Any]) -> ModelConfig:
     )
     validation = ValidationConfig(sections["validation"].get("reject_nan", bool, False))
     drift = _drift(sections["drift"])
+    rollout = _rollout(sections["rollout"], RolloutConfig())
     for section in sections.values():
         section.done()
-    return ModelConfig(versions, batching, runtime, validation, drift)
+    return ModelConfig(versions, batching, runtime, validation, drift, rollout)
 
 
 def _batching(section: _Section) -> BatchingConfig:
@@ -236,6 +269,47 @@ def _drift(section: _Section) -> DriftConfig:
     )
     if config.psi_alert < config.psi_warn:
         raise ConfigError(f"{section.path}: drift.psi_alert must be >= drift.psi_warn")
+    return config
+
+
+def parse_rollout(where: str, table: object, base: RolloutConfig) -> RolloutConfig:
+    """`base` with the keys `table` sets (a rollout request's body); unknown keys and
+    bad values are a ConfigError (400) naming `where` and the key."""
+    section = _Section(Path(where), "rollout", table)
+    config = _rollout(section, base)
+    section.done()
+    return config
+
+
+def _rollout(section: _Section, base: RolloutConfig) -> RolloutConfig:
+    steps = section.get("steps", list, list(base.steps))
+    if (
+        len(steps) < 2
+        or not all(isinstance(w, int | float) and not isinstance(w, bool) for w in steps)
+        or any(not 0 < w <= 100 for w in steps)
+        or any(a >= b for a, b in itertools.pairwise(steps))
+        or steps[-1] != 100
+    ):
+        raise ConfigError(
+            f"{section.path}: rollout.steps must be two or more increasing weights in (0, 100] "
+            "ending at 100"
+        )
+    config = RolloutConfig(
+        steps=tuple(float(w) for w in steps),
+        mode=section.choice("mode", ("split", "shadow"), base.mode),
+        min_rows=section.count("min_rows", base.min_rows, 1),
+        min_dwell_s=section.number("min_dwell_s", base.min_dwell_s, 0),
+        max_dwell_s=section.number("max_dwell_s", base.max_dwell_s, 0),
+        epoch_s=section.number("epoch_s", base.epoch_s, 0.01),
+        alpha=section.fraction("alpha", base.alpha, 0, 1),
+        error_margin=section.number("error_margin", base.error_margin, 0),
+        latency_p99_ratio=section.number("latency_p99_ratio", base.latency_p99_ratio, 1),
+        min_latency_samples=section.count("min_latency_samples", base.min_latency_samples, 1),
+        psi=section.number("psi", base.psi, 0),
+        disagreement=section.fraction("disagreement", base.disagreement, 0, 1),
+    )
+    if config.max_dwell_s < config.min_dwell_s:
+        raise ConfigError(f"{section.path}: rollout.max_dwell_s must be >= rollout.min_dwell_s")
     return config
 
 

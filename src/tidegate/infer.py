@@ -19,10 +19,12 @@ import numpy as np
 import orjson
 
 from tidegate import codec
+from tidegate.canary import ModelTraffic, Traffic
 from tidegate.errors import BadRequest, MethodNotAllowed, Overloaded, TidegateError, TooLarge
 from tidegate.observer import DriftObserver
 from tidegate.registry import Deployment, Registry
 from tidegate.stats import Timings
+from tidegate.traffic import TrafficPolicy
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -120,11 +122,13 @@ class InferRouter:
         self,
         app: ASGIApp,
         registry: Registry,
+        traffic: Traffic,
         observer: DriftObserver,
         max_body: int,
     ) -> None:
         self.app = app
         self.registry = registry
+        self.traffic = traffic
         self.observer = observer
         self.max_body = max_body
 
@@ -154,6 +158,8 @@ class InferRouter:
             drift = served.deployment.drift
             if drift is not None:
                 self.observer.submit(drift, *served.observed)
+        if served is not None and served.mirror is not None:
+            self.traffic.mirror(*served.mirror)
 
     async def _infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
@@ -161,16 +167,66 @@ class InferRouter:
         started = time.perf_counter_ns()
         deployment = self.registry.resolve(model, version)
         try:
-            return await self._run(scope, receive, deployment, started)
+            decoded, rows, key, decode_ns = await self._decode(scope, receive, deployment)
         except TidegateError:
-            now = time.perf_counter_ns()
-            deployment.stats.record_failure(now - started, time.monotonic_ns())
+            deployment.stats.record_failure(time.perf_counter_ns() - started, time.monotonic_ns())
             raise
+        live = self.traffic.live(model) if version is None else None
+        variant = _STABLE
+        mirror = False
+        if live is not None:
+            chosen = self.traffic.route(live, key if key is not None else decoded.routing_key)
+            canary = self.traffic.canary(live) if chosen and not live.shadow else None
+            if canary is not None:
+                deployment, variant = canary, _CANARY
+            mirror = chosen and live.shadow
+        elif version is not None:
+            variant = _variant(self.traffic.policy(model), deployment.version)
+        windows = None if live is None else live.windows
+        try:
+            result = await deployment.batcher.infer(decoded.inputs, rows, decoded.timeout_us)
+            encode_start = time.perf_counter_ns()
+            payload, json_length = codec.encode_response(
+                deployment.name,
+                deployment.version_label,
+                decoded,
+                result.outputs,
+                deployment.model.meta,
+            )
+        except TidegateError:
+            deployment.stats.record_failure(time.perf_counter_ns() - started, time.monotonic_ns())
+            if windows is not None:
+                self.traffic.record(windows, variant is _CANARY, None, None)
+            raise
+        finished = time.perf_counter_ns()
+        deployment.stats.record_success(
+            rows,
+            Timings(
+                total=finished - started,
+                queue=result.queue_ns,
+                compute_input=decode_ns,
+                compute_infer=result.run_ns,
+                compute_output=finished - encode_start,
+            ),
+            time.monotonic_ns(),
+        )
+        if windows is not None:
+            batch_ns = result.queue_ns + result.run_ns
+            self.traffic.record(windows, variant is _CANARY, batch_ns, result.outputs)
+        if json_length is None:
+            headers = [JSON_TYPE, deployment.version_header, variant]
+        else:
+            length_header = (b"inference-header-content-length", str(json_length).encode())
+            headers = [_BINARY_TYPE, deployment.version_header, variant, length_header]
+        mirrored = (live, decoded.inputs, rows, result.outputs) if mirror and live else None
+        return _Served(headers, payload, deployment, result.observed, mirrored)
 
-    async def _run(
-        self, scope: Scope, receive: Receive, deployment: Deployment, started: int
-    ) -> "_Served":
-        content_length = content_encoding = header_length = None
+    async def _decode(
+        self, scope: Scope, receive: Receive, deployment: Deployment
+    ) -> tuple[codec.InferRequest, int, bytes | None, int]:
+        """The request's body read and decoded; its rows, its routing-key header and the
+        time decoding took."""
+        content_length = content_encoding = header_length = key = None
         for name, value in scope["headers"]:
             if name == b"content-length":
                 content_length = value.decode("latin-1")
@@ -183,44 +239,35 @@ class InferRouter:
                         "is not a byte count"
                     )
                 header_length = int(value)
+            elif name == b"tidegate-routing-key":
+                key = value
         body = await receive_body(receive, content_length, content_encoding, self.max_body)
-
         decode_start = time.perf_counter_ns()
-        model = deployment.model
         decoded = codec.decode_request(
             body,
             header_length,
-            model.meta,
+            deployment.model.meta,
             max_batch_size=deployment.max_batch_size,
             reject_nan=deployment.config.validation.reject_nan,
         )
         del body  # parsed: a JSON body (arrays from a binary one keep it) need not wait too
         first = next(iter(decoded.inputs.values()))
         rows = first.shape[0] if deployment.max_batch_size and first.ndim else 1
-        decoded_at = time.perf_counter_ns()
-        result = await deployment.batcher.infer(decoded.inputs, rows, decoded.timeout_us)
-        encode_start = time.perf_counter_ns()
-        payload, json_length = codec.encode_response(
-            deployment.name, deployment.version_label, decoded, result.outputs, model.meta
-        )
-        finished = time.perf_counter_ns()
-        deployment.stats.record_success(
-            rows,
-            Timings(
-                total=finished - started,
-                queue=result.queue_ns,
-                compute_input=decoded_at - decode_start,
-                compute_infer=result.run_ns,
-                compute_output=finished - encode_start,
-            ),
-            time.monotonic_ns(),
-        )
-        if json_length is None:
-            headers = [JSON_TYPE, deployment.version_header]
-        else:
-            length_header = (b"inference-header-content-length", str(json_length).encode())
-            headers = [_BINARY_TYPE, deployment.version_header, length_header]
-        return _Served(headers, payload, deployment, result.observed)
+        return decoded, rows, key, time.perf_counter_ns() - decode_start
+
+
+_STABLE = (b"tidegate-variant", b"stable")
+_CANARY = (b"tidegate-variant", b"canary")
+_OTHER = (b"tidegate-variant", b"other")
+
+
+def _variant(policy: TrafficPolicy, version: int) -> tuple[bytes, bytes]:
+    """The `tidegate-variant` header of a request that named its version."""
+    if version == policy.canary:
+        return _CANARY
+    if policy.stable is None or version == policy.stable:
+        return _STABLE
+    return _OTHER
 
 
 @dataclass(slots=True, frozen=True)
@@ -231,3 +278,5 @@ class _Served:
     body: bytes
     deployment: Deployment
     observed: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None
+    # In shadow mode, sampled: (model, inputs, rows, stable's outputs) to mirror.
+    mirror: tuple[ModelTraffic, dict[str, np.ndarray], int, dict[str, np.ndarray]] | None

@@ -212,6 +212,9 @@ class Registry:
         self._models: dict[str, dict[int, Deployment]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._problems: dict[str, str] = {}  # model name -> why it is not serving
+        # model name -> the version that answers when a request names none (its
+        # traffic policy's stable); without one, or while it is not loaded, the highest.
+        self._stable: dict[str, int] = {}
 
     # -- reading (the hot path) -------------------------------------------------
 
@@ -221,11 +224,23 @@ class Registry:
         if not versions:
             raise NotFound(f"model '{name}' is not loaded")
         if version is None:
-            return versions[max(versions)]
+            pinned = versions.get(self._stable.get(name, 0))
+            return versions[max(versions)] if pinned is None else pinned
         deployment = versions.get(_parse_version(name, version))
         if deployment is None:
             raise NotFound(f"model '{name}' has no loaded version '{version}'")
         return deployment
+
+    def get(self, name: str, version: int) -> Deployment | None:
+        """The loaded Deployment of `name` at `version`, if it is loaded."""
+        return self._models.get(name, {}).get(version)
+
+    def pin_stable(self, name: str, version: int | None) -> None:
+        """Makes `version` answer requests that name none (None: the highest again)."""
+        if version is None:
+            self._stable.pop(name, None)
+        else:
+            self._stable[name] = version
 
     def versions(self, name: str) -> list[Deployment]:
         """The loaded versions of a model, ascending; NotFound if none is."""

@@ -3,6 +3,8 @@ health, metadata, and Triton's repository, configuration and statistics
 extensions. Thin: state lives in `registry`."""
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -10,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tidegate import __version__
-from tidegate.errors import BadRequest
+from tidegate.errors import BadRequest, TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import receive_body
 from tidegate.registry import Deployment, Registry
@@ -22,6 +24,11 @@ EXTENSIONS = [
     "statistics",
 ]
 PLATFORM = "onnxruntime_onnx"
+# Where the access control puts the name of the token a request came with: the actor
+# in the audit log.
+ACTOR_KEY = "tidegate.actor"
+# Appends to the audit log: (actor, action, model, outcome, reason, **details).
+Audit = Callable[..., Awaitable[None]]
 _JSON = "application/json"
 
 
@@ -103,10 +110,13 @@ def _triton_config(deployment: Deployment, threads: int) -> dict[str, object]:
 class DataPlane:
     """The V2 endpoints, bound to one registry and one inference executor."""
 
-    def __init__(self, registry: Registry, executor: InferenceExecutor, max_body: int) -> None:
+    def __init__(
+        self, registry: Registry, executor: InferenceExecutor, max_body: int, audit: Audit
+    ) -> None:
         self.registry = registry
         self.executor = executor
         self.max_body = max_body
+        self.audit = audit
 
     def _resolve(self, request: Request) -> Deployment:
         return self.registry.resolve(
@@ -185,11 +195,28 @@ class DataPlane:
 
     async def repository_load(self, request: Request) -> Response:
         version = await self._version_parameter(request, set())
-        await self.registry.load(request.path_params["model"], version)
+        name = request.path_params["model"]
+        async with self._audited(request, "load", name, version):
+            await self.registry.load(name, version)
         return json_response({})
 
     async def repository_unload(self, request: Request) -> Response:
         # tritonclient always sends unload_dependents; there are no ensembles to unload.
         version = await self._version_parameter(request, {"unload_dependents"})
-        await self.registry.unload(request.path_params["model"], version)
+        name = request.path_params["model"]
+        async with self._audited(request, "unload", name, version):
+            await self.registry.unload(name, version)
         return json_response({})
+
+    @contextlib.asynccontextmanager
+    async def _audited(
+        self, request: Request, action: str, name: str, version: str | None
+    ) -> AsyncIterator[None]:
+        """Appends the action to the audit log, done or failed (with the error)."""
+        actor = request.scope.get(ACTOR_KEY, "anonymous")
+        try:
+            yield
+        except TidegateError as exc:
+            await self.audit(actor, action, name, "failed", exc.message, version=version)
+            raise
+        await self.audit(actor, action, name, "done", "", version=version)

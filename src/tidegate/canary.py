@@ -1,0 +1,248 @@
+"""Canary and shadow traffic: which version answers, and what the judge sees of it.
+
+Theory of operation
+-------------------
+A model with a canary has a `ModelTraffic`: its policy and the windows of the
+current rollout step (see `judge`). The inference path asks `route` which side a
+request falls on and reports back with `record` once it is answered; a model
+without a canary costs one dict lookup. The windows count, per side, requests,
+errors, the time spent in the version's batcher (queue and run: what differs
+between two versions of a model, unlike decoding or the network) and the
+predicted classes.
+
+In shadow mode stable answers every request. A sampled share is mirrored to the
+canary after the response has been sent: the copy runs through the canary's own
+batcher as a task on the event loop, at most `MIRROR_LIMIT` at a time per model;
+past that the copy is dropped and counted, so the client never waits for the
+mirror. The canary's outputs are compared with stable's row by row.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tidegate.errors import BadRequest, NotFound, TidegateError
+from tidegate.judge import ShadowWindow, VariantWindow
+from tidegate.observer import DriftObserver
+from tidegate.registry import Deployment, Registry
+from tidegate.traffic import TrafficPolicy, key_point, random_point
+
+log = logging.getLogger("tidegate.canary")
+
+MIRROR_LIMIT = 64  # mirrored requests in flight per model; past it copies are dropped
+
+Tensors = dict[str, np.ndarray]
+
+
+def predictions(outputs: Tensors) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Per row: the predicted class (a label output, else the argmax of a score matrix)
+    and the scores (a score matrix, else a regressor's single output), where the
+    model has them."""
+    labels = scores = None
+    for array in outputs.values():
+        kind = array.dtype.kind
+        if labels is None and kind in "iubOSU" and array.ndim == 1:
+            labels = array
+        elif scores is None and kind == "f" and array.ndim in (1, 2):
+            scores = array
+    if labels is None and scores is not None and scores.ndim == 2 and scores.shape[1] > 1:
+        labels = scores.argmax(axis=1)
+    return labels, scores
+
+
+def count_labels(window: VariantWindow, labels: np.ndarray) -> None:
+    values, counts = np.unique(labels, return_counts=True)
+    table = window.predictions
+    for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+        label = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        table[label] = table.get(label, 0) + count
+
+
+@dataclass(slots=True)
+class StepWindows:
+    """What the judge compares within one rollout step (reset when the step changes)."""
+
+    stable: VariantWindow = field(default_factory=VariantWindow)
+    canary: VariantWindow = field(default_factory=VariantWindow)
+    split_stable: int = 0  # keyless requests the random draw kept on stable
+    split_canary: int = 0  # ... and sent to the canary (or mirrored, in shadow mode)
+    shadow: ShadowWindow | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def to_json(self) -> dict[str, object]:
+        def side(window: VariantWindow) -> dict[str, object]:
+            latency = window.latency
+            return {
+                "requests": window.requests,
+                "errors": window.errors,
+                "latency_p50_ms": latency.percentile(50) / 1e6 if latency.count else None,
+                "latency_p99_ms": latency.percentile(99) / 1e6 if latency.count else None,
+                "predictions": dict(sorted(window.predictions.items())),
+            }
+
+        document: dict[str, object] = {
+            "seconds": round(time.monotonic() - self.started, 3),
+            "stable": side(self.stable),
+            "canary": side(self.canary),
+            "split": {"stable": self.split_stable, "canary": self.split_canary},
+        }
+        if self.shadow is not None:
+            shadow = self.shadow
+            document["shadow"] = {
+                "mirrored": shadow.mirrored,
+                "dropped": shadow.dropped,
+                "rows": shadow.rows,
+                "disagreeing": shadow.disagreeing,
+            }
+        return document
+
+
+@dataclass(slots=True, eq=False)
+class ModelTraffic:
+    """One model's live policy and step windows."""
+
+    name: str
+    policy: TrafficPolicy
+    windows: StepWindows
+    mirroring: int = 0  # mirrored requests in flight
+
+    @property
+    def shadow(self) -> bool:
+        return self.policy.mode == "shadow"
+
+    def new_step(self) -> None:
+        shadow = ShadowWindow() if self.shadow else None
+        self.windows = StepWindows(shadow=shadow)
+
+
+class Traffic:
+    """Every model's traffic policy; routes requests and feeds the judge's windows."""
+
+    def __init__(self, registry: Registry, observer: DriftObserver) -> None:
+        self.registry = registry
+        self.observer = observer
+        self._policies: dict[str, TrafficPolicy] = {}
+        self._live: dict[str, ModelTraffic] = {}  # models with a canary, for the hot path
+        self._mirrors: set[asyncio.Task[None]] = set()
+
+    # -- policy ---------------------------------------------------------------------
+
+    def policy(self, name: str) -> TrafficPolicy:
+        return self._policies.get(name, TrafficPolicy())
+
+    def policies(self) -> dict[str, TrafficPolicy]:
+        return dict(self._policies)
+
+    def live(self, name: str) -> ModelTraffic | None:
+        return self._live.get(name)
+
+    def check(self, name: str, policy: TrafficPolicy) -> None:
+        """NotFound unless every version the policy names is loaded."""
+        for role, version in (("stable", policy.stable), ("canary", policy.canary)):
+            if version is not None and self.registry.get(name, version) is None:
+                raise NotFound(f"{role} version {version} of model '{name}' is not loaded")
+        if policy.weight > 0 and policy.canary is None:
+            raise BadRequest("a weight above 0 needs a canary version")
+
+    def apply(self, name: str, policy: TrafficPolicy) -> None:
+        """Makes `policy` the model's: routing follows it from the next request on. The
+        step windows start afresh when the canary, its weight or the mode changes."""
+        self._policies[name] = policy
+        self.registry.pin_stable(name, policy.stable)
+        if not policy.has_canary:
+            self._live.pop(name, None)
+            return
+        current = self._live.get(name)
+        if current is None:
+            current = self._live[name] = ModelTraffic(name, policy, StepWindows())
+            current.new_step()
+        elif current.policy != policy:
+            current.policy = policy
+            current.new_step()
+
+    def forget(self, name: str) -> None:
+        self._policies.pop(name, None)
+        self._live.pop(name, None)
+        self.registry.pin_stable(name, None)
+
+    # -- the inference path ---------------------------------------------------------
+
+    def route(self, model: ModelTraffic, key: bytes | None) -> bool:
+        """Whether this request goes to (or, in shadow mode, is mirrored to) the canary."""
+        weight = model.policy.weight
+        if key is not None:
+            return key_point(key) < weight
+        hit = random_point() < weight
+        if hit:
+            model.windows.split_canary += 1
+        else:
+            model.windows.split_stable += 1
+        return hit
+
+    def canary(self, model: ModelTraffic) -> Deployment | None:
+        """The canary's Deployment, while it is loaded."""
+        return self.registry.get(model.name, model.policy.canary or 0)
+
+    @staticmethod
+    def record(
+        windows: StepWindows, canary: bool, batch_ns: int | None, outputs: Tensors | None
+    ) -> None:
+        """One request answered (`batch_ns` its time in the batcher) or failed (None)."""
+        window = windows.canary if canary else windows.stable
+        window.requests += 1
+        if batch_ns is None or outputs is None:
+            window.errors += 1
+            return
+        window.latency.record(batch_ns)
+        labels, _ = predictions(outputs)
+        if labels is not None:
+            count_labels(window, labels)
+
+    def mirror(self, model: ModelTraffic, inputs: Tensors, rows: int, answered: Tensors) -> None:
+        """Runs a copy of a request stable answered on the canary, later; never waits."""
+        windows = model.windows
+        shadow = windows.shadow
+        canary = self.canary(model)
+        if shadow is None or canary is None:
+            return
+        if model.mirroring >= MIRROR_LIMIT:
+            shadow.dropped += 1
+            return
+        model.mirroring += 1
+        shadow.mirrored += 1
+        task = asyncio.get_running_loop().create_task(
+            self._mirrored(model, windows, canary, inputs, rows, answered)
+        )
+        self._mirrors.add(task)
+        task.add_done_callback(self._mirrors.discard)
+
+    async def _mirrored(
+        self,
+        model: ModelTraffic,
+        windows: StepWindows,
+        canary: Deployment,
+        inputs: Tensors,
+        rows: int,
+        answered: Tensors,
+    ) -> None:
+        try:
+            result = await canary.batcher.infer(inputs, rows, None)
+        except TidegateError:
+            windows.canary.requests += 1
+            windows.canary.errors += 1
+            return
+        except Exception:  # a bug must not surface as an unretrieved task error
+            log.exception("mirrored request to %s version %s failed", canary.name, canary.version)
+            return
+        finally:
+            model.mirroring -= 1
+        self.record(windows, True, result.queue_ns + result.run_ns, result.outputs)
+        if windows.shadow is not None:
+            stable_labels, stable_scores = predictions(answered)
+            canary_labels, canary_scores = predictions(result.outputs)
+            windows.shadow.record(stable_labels, canary_labels, stable_scores, canary_scores)
+        if result.observed is not None and canary.drift is not None:
+            self.observer.submit(canary.drift, *result.observed)

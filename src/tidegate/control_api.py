@@ -1,0 +1,70 @@
+"""Starlette handlers for tidegate's control extensions: traffic, rollouts, audit.
+
+Thin: `ControlPlane` does the work. The actor of an action is the name the access
+control put in the request's scope (`ACTOR_KEY`), `anonymous` without it.
+"""
+
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tidegate.control import ControlPlane
+from tidegate.errors import BadRequest, NotFound
+from tidegate.v2 import ACTOR_KEY, json_response, read_json_object
+
+ACTIONS = ("promote", "rollback", "pause", "resume")
+AUDIT_LIMIT = 1000  # entries `GET /v2/audit` returns unless asked for fewer
+
+
+def actor_of(request: Request) -> str:
+    actor: str = request.scope.get(ACTOR_KEY, "anonymous")
+    return actor
+
+
+class ControlApi:
+    def __init__(self, control: ControlPlane, max_body: int) -> None:
+        self.control = control
+        self.max_body = max_body
+
+    def routes(self) -> list[Route]:
+        model = "/v2/models/{model}"
+        return [
+            Route(f"{model}/traffic", self.traffic, methods=["GET", "PUT"]),
+            Route(f"{model}/rollout", self.rollout, methods=["GET", "POST"]),
+            Route(f"{model}/rollout/{{action}}", self.rollout_action, methods=["POST"]),
+            Route("/v2/audit", self.audit, methods=["GET"]),
+        ]
+
+    async def traffic(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if request.method == "GET":
+            return json_response(self.control.traffic_status(name))
+        document = await read_json_object(request, self.max_body)
+        return json_response(await self.control.set_traffic(name, document, actor_of(request)))
+
+    async def rollout(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if request.method == "GET":
+            return json_response(self.control.rollout_status(name))
+        document = await read_json_object(request, self.max_body)
+        return json_response(await self.control.start_rollout(name, document, actor_of(request)))
+
+    async def rollout_action(self, request: Request) -> Response:
+        action = request.path_params["action"]
+        if action not in ACTIONS:
+            raise NotFound(f"no rollout action '{action}' (one of {', '.join(ACTIONS)})")
+        await read_json_object(request, self.max_body)  # an empty body, or {}
+        name = request.path_params["model"]
+        return json_response(await self.control.act(name, action, actor_of(request)))
+
+    async def audit(self, request: Request) -> Response:
+        """The audit log's last entries (`?limit=N`, default and most 1000), oldest
+        first, of one model with `?model=NAME`."""
+        query = request.query_params
+        limit_text = query.get("limit", str(AUDIT_LIMIT))
+        if not limit_text.isdigit() or int(limit_text) > AUDIT_LIMIT:
+            raise BadRequest(f"'limit' must be a whole number up to {AUDIT_LIMIT}")
+        read = await asyncio.to_thread(self.control.audit.read, query.get("model"), int(limit_text))
+        return json_response({"entries": read.entries, "unreadable_lines": read.unreadable})
