@@ -55,6 +55,16 @@ MAX_REFERENCE_ROWS = 500
 # (onnxruntime's Tokenizer is not Python's `re`, so rare tokens could split differently).
 MIN_TEXT_LABEL_AGREEMENT = 0.98
 
+# The wine rollout demo: the good candidate (v2) must answer like the stable v1 and
+# the bad one (v3) clearly not, measured on the reference rows by label agreement and
+# by the PSI of the predicted class shares.
+MIN_GOOD_AGREEMENT = 0.95
+MAX_GOOD_PSI = 0.02
+MAX_BAD_AGREEMENT = 0.70
+MIN_BAD_PSI = 0.25
+# Chance that a class-0 wine training row is labelled class 1 for the bad candidate.
+WINE_CORRUPTED_SHARE = 0.9
+
 # skl2onnx's default output names -> the names the repository promises.
 CLASSIFIER_OUTPUTS = {"output_label": "label", "output_probability": "probabilities"}
 
@@ -244,6 +254,82 @@ def build_diabetes() -> BuiltModel:
     )
 
 
+def class_share_psi(labels_a: np.ndarray, labels_b: np.ndarray, classes: int) -> float:
+    """PSI between the predicted class shares of two label arrays.
+
+    Shares are smoothed as (count + 0.5) / (N + K/2), so a class one side never
+    predicts gives a large but finite term.
+    """
+    a = (np.bincount(labels_a, minlength=classes) + 0.5) / (len(labels_a) + classes / 2)
+    b = (np.bincount(labels_b, minlength=classes) + 0.5) / (len(labels_b) + classes / 2)
+    return float(np.sum((b - a) * np.log(b / a)))
+
+
+def build_wine() -> BuiltModel:
+    """A stable version and two rollout candidates: one as good, one trained on bad labels."""
+    data = datasets.load_wine()
+    x_train, y_train = _split(data.data.astype(np.float32), data.target)
+    ref = _reference(x_train)
+    classes = len(data.target_names)
+    # The labelling bug: most class-0 rows (a fixed random choice) were labelled class 1.
+    corrupted = y_train.copy()
+    rng = np.random.default_rng(SEED)
+    flipped = (y_train == 0) & (rng.random(len(y_train)) < WINE_CORRUPTED_SHARE)
+    corrupted[flipped] = 1
+    types = [("input", FloatTensorType([None, 13]))]
+    built = BuiltModel(
+        name="wine",
+        config=(
+            "# Wine cultivar classifier (sklearn load_wine): 13 chemical measurements -> 0, 1, 2.\n"
+            "# Version 1 is the stable model. Versions 2 (good: a retrain that answers like 1)\n"
+            "# and 3 (bad: trained on corrupted labels, most of class 0 labelled as class 1)\n"
+            "# are candidates for the canary-rollout demo; only version 1 serves at start.\n"
+            "[versions]\n"
+            "policy = [1]\n"
+        ),
+    )
+
+    versions = [
+        (1, 1.0, y_train, "StandardScaler + LogisticRegression(C=1)."),
+        (2, 0.3, y_train, "StandardScaler + LogisticRegression(C=0.3), a good retrain."),
+        (3, 1.0, corrupted,
+         "StandardScaler + LogisticRegression(C=1) trained on corrupted labels "
+         f"({flipped.sum()} of {np.sum(y_train == 0)} class-0 rows labelled as class 1)."),
+    ]  # fmt: skip
+    labels: dict[int, np.ndarray] = {}
+    for number, c, targets, description in versions:
+        logreg = LogisticRegression(C=c, max_iter=1000, random_state=SEED)
+        pipe = Pipeline([("scale", StandardScaler()), ("clf", logreg)]).fit(x_train, targets)
+        model = _convert(
+            pipe,
+            f"wine_v{number}",
+            types,
+            f"Wine cultivar 0-2 from 13 chemical measurements: {description}",
+            _no_zipmap(logreg),
+            CLASSIFIER_OUTPUTS,
+        )
+        _check_classifier(model, pipe, ref, f"wine v{number}")
+        (labels[number],) = _session(model).run(["label"], {"input": ref})
+        built.versions.append(BuiltVersion(number, model, {"input": ref}))
+
+    for number, good in ((2, True), (3, False)):
+        agreement = float(np.mean(labels[number] == labels[1]))
+        psi = class_share_psi(labels[1], labels[number], classes)
+        print(f"wine v1 vs v{number}: label agreement {agreement:.3f}, class-share PSI {psi:.4f}")
+        ok = (
+            agreement >= MIN_GOOD_AGREEMENT and psi <= MAX_GOOD_PSI
+            if good
+            else agreement <= MAX_BAD_AGREEMENT and psi >= MIN_BAD_PSI
+        )
+        if not ok:
+            kind = "good" if good else "bad"
+            raise AssertionError(
+                f"wine v{number} is no longer a {kind} candidate: "
+                f"agreement {agreement:.3f}, PSI {psi:.4f}"
+            )
+    return built
+
+
 # Dataset name (the text model's label) -> loader whose DESCR provides the sentences.
 TEXT_SOURCES: dict[str, Callable[[], Any]] = {
     "iris": datasets.load_iris,
@@ -366,6 +452,7 @@ BUILDERS: list[Callable[[], BuiltModel]] = [
     build_digits,
     build_diabetes,
     build_dataset_topic,
+    build_wine,
 ]
 
 

@@ -1,5 +1,6 @@
 """The shipped models, their reference rows, and onnxruntime run directly as the oracle."""
 
+import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -30,12 +31,22 @@ class ShippedVersion:
         return f"{self.model}-v{self.version}"
 
 
+def _served(model_dir: Path) -> list[int]:
+    """The versions the model's config.toml serves at start (its [versions] policy);
+    wine ships rollout candidates (versions 2 and 3) that do not serve at start."""
+    versions = sorted(int(d.name) for d in model_dir.iterdir() if d.name.isdigit())
+    table = tomllib.loads((model_dir / "config.toml").read_text()).get("versions", {})
+    policy = table.get("policy", "latest")
+    if isinstance(policy, list):
+        return [v for v in versions if v in policy]
+    return versions if policy == "all" else versions[-table.get("num_versions", 1) :]
+
+
 SHIPPED = [
-    ShippedVersion(model_dir.name, int(version_dir.name))
+    ShippedVersion(model_dir.name, version)
     for model_dir in sorted(MODELS.iterdir())
     if model_dir.is_dir()
-    for version_dir in sorted(model_dir.iterdir())
-    if version_dir.name.isdigit()
+    for version in _served(model_dir)
 ]
 
 

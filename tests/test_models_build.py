@@ -79,6 +79,9 @@ def test_same_files(rebuilt: Path) -> None:
         "digits/1/model.onnx",
         "diabetes/1/model.onnx",
         "dataset_topic/1/model.onnx",
+        "wine/1/model.onnx",
+        "wine/2/model.onnx",
+        "wine/3/model.onnx",
     } <= committed
 
 
