@@ -67,10 +67,10 @@ def two_inputs() -> onnx.ModelProto:
     )
 
 
-def gather() -> onnx.ModelProto:
-    """Looks up rows of a 4-row table: an index past the table fails inside onnxruntime."""
+def gather(rows: int = 4) -> onnx.ModelProto:
+    """Looks up rows of a `rows`-row table: an index past it fails inside onnxruntime."""
     table = helper.make_tensor(
-        "table", TensorProto.FLOAT, [4, 2], np.arange(8, dtype=np.float32).tolist()
+        "table", TensorProto.FLOAT, [rows, 2], np.arange(2 * rows, dtype=np.float32).tolist()
     )
     return _model(
         [helper.make_node("Gather", ["table", "index"], ["rows"], axis=0)],

@@ -56,6 +56,16 @@ class ControlPlane:
 
     # -- reading ----------------------------------------------------------------------
 
+    async def read_traffic(self, name: str) -> dict[str, Any]:
+        """The traffic status, once any change in progress is on disk."""
+        async with self._lock:
+            return self.traffic_status(name)
+
+    async def read_rollout(self, name: str) -> dict[str, Any]:
+        """The rollout status, once any transition in progress is on disk."""
+        async with self._lock:
+            return self.rollout_status(name)
+
     def traffic_status(self, name: str) -> dict[str, Any]:
         deployment = self.registry.resolve(name)
         policy = self.traffic.policy(name)
@@ -130,6 +140,9 @@ class ControlPlane:
             loaded = self.registry.get(name, int(canary)) is None
             if loaded:
                 await self.registry.load(name, canary)
+                await self.record(
+                    actor, "load", name, "done", "the rollout's canary", version=canary
+                )
             rollout = Rollout(name, stable.version, int(canary), config, loaded)
             rollout.note("start", actor, f"canary {canary} at {rollout.weight} % ({config.mode})")
             self.rollouts[name] = rollout

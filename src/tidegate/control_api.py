@@ -40,14 +40,14 @@ class ControlApi:
     async def traffic(self, request: Request) -> Response:
         name = request.path_params["model"]
         if request.method == "GET":
-            return json_response(self.control.traffic_status(name))
+            return json_response(await self.control.read_traffic(name))
         document = await read_json_object(request, self.max_body)
         return json_response(await self.control.set_traffic(name, document, actor_of(request)))
 
     async def rollout(self, request: Request) -> Response:
         name = request.path_params["model"]
         if request.method == "GET":
-            return json_response(self.control.rollout_status(name))
+            return json_response(await self.control.read_rollout(name))
         document = await read_json_object(request, self.max_body)
         return json_response(await self.control.start_rollout(name, document, actor_of(request)))
 
