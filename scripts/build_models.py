@@ -286,6 +286,13 @@ def build_wine() -> BuiltModel:
             "# are candidates for the canary-rollout demo; only version 1 serves at start.\n"
             "[versions]\n"
             "policy = [1]\n"
+            "\n"
+            "# Short steps, so that the demo's rollouts end within a minute at 200 requests/s;\n"
+            "# the defaults (500 rows and 30 s per step) suit production traffic.\n"
+            "[rollout]\n"
+            "min_rows = 100\n"
+            "min_dwell_s = 5\n"
+            "min_latency_samples = 100\n"
         ),
     )
 
