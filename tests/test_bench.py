@@ -29,6 +29,7 @@ def _served(server: LiveServer, outcome: str) -> float:
             if sample.name == "tidegate_inference_requests_total" and sample.labels == {
                 "model": "diabetes",
                 "version": "1",
+                "variant": "stable",
                 "outcome": outcome,
             }:
                 return sample.value

@@ -86,7 +86,11 @@ def create_app(config: ServerConfig) -> InferRouter:
     state_dir = config.state_dir or config.repository / ".tidegate"
     control = ControlPlane(registry, traffic, state_dir)
     plane = DataPlane(registry, executor, config.max_body_bytes, control.record)
-    metrics = collectors(registry, observer)
+
+    def count_in_flight() -> int:
+        return router.in_flight
+
+    metrics = collectors(registry, observer, control, count_in_flight)
 
     async def metrics_endpoint(request: Request) -> Response:
         body = await asyncio.to_thread(render, metrics)
@@ -138,4 +142,5 @@ def create_app(config: ServerConfig) -> InferRouter:
             Exception: _unexpected_error,
         },
     )
-    return InferRouter(app, registry, traffic, observer, config.max_body_bytes)
+    router = InferRouter(app, registry, traffic, observer, config.max_body_bytes)
+    return router

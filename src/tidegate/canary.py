@@ -28,11 +28,13 @@ from tidegate.errors import BadRequest, NotFound, TidegateError
 from tidegate.judge import ShadowWindow, VariantWindow
 from tidegate.observer import DriftObserver
 from tidegate.registry import Deployment, Registry
+from tidegate.stats import Timings
 from tidegate.traffic import TrafficPolicy, key_point, random_point
 
 log = logging.getLogger("tidegate.canary")
 
 MIRROR_LIMIT = 64  # mirrored requests in flight per model; past it copies are dropped
+SHADOW = "shadow"  # the variant of mirrored requests in the canary's statistics
 
 Tensors = dict[str, np.ndarray]
 
@@ -127,6 +129,9 @@ class Traffic:
         self._policies: dict[str, TrafficPolicy] = {}
         self._live: dict[str, ModelTraffic] = {}  # models with a canary, for the hot path
         self._mirrors: set[asyncio.Task[None]] = set()
+        # model -> mirrored copies sent and dropped since the start (for /metrics)
+        self.mirrored: dict[str, int] = {}
+        self.mirror_dropped: dict[str, int] = {}
 
     # -- policy ---------------------------------------------------------------------
 
@@ -208,11 +213,14 @@ class Traffic:
         canary = self.canary(model)
         if shadow is None or canary is None:
             return
+        name = model.name
         if model.mirroring >= MIRROR_LIMIT:
             shadow.dropped += 1
+            self.mirror_dropped[name] = self.mirror_dropped.get(name, 0) + 1
             return
         model.mirroring += 1
         shadow.mirrored += 1
+        self.mirrored[name] = self.mirrored.get(name, 0) + 1
         task = asyncio.get_running_loop().create_task(
             self._mirrored(model, windows, canary, inputs, rows, answered)
         )
@@ -228,9 +236,13 @@ class Traffic:
         rows: int,
         answered: Tensors,
     ) -> None:
+        started = time.perf_counter_ns()
         try:
             result = await canary.batcher.infer(inputs, rows, None)
         except TidegateError:
+            canary.stats.record_failure(
+                time.perf_counter_ns() - started, time.monotonic_ns(), SHADOW
+            )
             windows.canary.requests += 1
             windows.canary.errors += 1
             return
@@ -239,7 +251,10 @@ class Traffic:
             return
         finally:
             model.mirroring -= 1
-        self.record(windows, True, result.queue_ns + result.run_ns, result.outputs)
+        batch_ns = result.queue_ns + result.run_ns
+        timings = Timings(batch_ns, result.queue_ns, 0, result.run_ns, 0)
+        canary.stats.record_success(rows, timings, time.monotonic_ns(), SHADOW)
+        self.record(windows, True, batch_ns, result.outputs)
         if windows.shadow is not None:
             stable_labels, stable_scores = predictions(answered)
             canary_labels, canary_scores = predictions(result.outputs)

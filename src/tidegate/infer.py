@@ -131,12 +131,22 @@ class InferRouter:
         self.traffic = traffic
         self.observer = observer
         self.max_body = max_body
+        self.in_flight = 0  # infer requests being answered now
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         target = _infer_target(scope["path"]) if scope["type"] == "http" else None
         if target is None:
             await self.app(scope, receive, send)
             return
+        self.in_flight += 1
+        try:
+            await self._answer(scope, receive, send, target)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(
+        self, scope: Scope, receive: Receive, send: Send, target: tuple[str, str | None]
+    ) -> None:
         served = None
         try:
             if scope["method"] != "POST":
@@ -172,16 +182,17 @@ class InferRouter:
             deployment.stats.record_failure(time.perf_counter_ns() - started, time.monotonic_ns())
             raise
         live = self.traffic.live(model) if version is None else None
-        variant = _STABLE
+        variant = STABLE
         mirror = False
         if live is not None:
             chosen = self.traffic.route(live, key if key is not None else decoded.routing_key)
             canary = self.traffic.canary(live) if chosen and not live.shadow else None
             if canary is not None:
-                deployment, variant = canary, _CANARY
+                deployment, variant = canary, CANARY
             mirror = chosen and live.shadow
         elif version is not None:
-            variant = _variant(self.traffic.policy(model), deployment.version)
+            stable = self.registry.resolve(model).version
+            variant = _variant(self.traffic.policy(model), deployment.version, stable)
         windows = None if live is None else live.windows
         try:
             result = await deployment.batcher.infer(decoded.inputs, rows, decoded.timeout_us)
@@ -194,9 +205,11 @@ class InferRouter:
                 deployment.model.meta,
             )
         except TidegateError:
-            deployment.stats.record_failure(time.perf_counter_ns() - started, time.monotonic_ns())
+            deployment.stats.record_failure(
+                time.perf_counter_ns() - started, time.monotonic_ns(), variant.name
+            )
             if windows is not None:
-                self.traffic.record(windows, variant is _CANARY, None, None)
+                self.traffic.record(windows, variant is CANARY, None, None)
             raise
         finished = time.perf_counter_ns()
         deployment.stats.record_success(
@@ -209,15 +222,16 @@ class InferRouter:
                 compute_output=finished - encode_start,
             ),
             time.monotonic_ns(),
+            variant.name,
         )
         if windows is not None:
             batch_ns = result.queue_ns + result.run_ns
-            self.traffic.record(windows, variant is _CANARY, batch_ns, result.outputs)
+            self.traffic.record(windows, variant is CANARY, batch_ns, result.outputs)
         if json_length is None:
-            headers = [JSON_TYPE, deployment.version_header, variant]
+            headers = [JSON_TYPE, deployment.version_header, variant.header]
         else:
             length_header = (b"inference-header-content-length", str(json_length).encode())
-            headers = [_BINARY_TYPE, deployment.version_header, variant, length_header]
+            headers = [_BINARY_TYPE, deployment.version_header, variant.header, length_header]
         mirrored = (live, decoded.inputs, rows, result.outputs) if mirror and live else None
         return _Served(headers, payload, deployment, result.observed, mirrored)
 
@@ -256,18 +270,26 @@ class InferRouter:
         return decoded, rows, key, time.perf_counter_ns() - decode_start
 
 
-_STABLE = (b"tidegate-variant", b"stable")
-_CANARY = (b"tidegate-variant", b"canary")
-_OTHER = (b"tidegate-variant", b"other")
+@dataclass(slots=True, frozen=True)
+class Variant:
+    """The role of the version that answered: in statistics, metrics and a header."""
+
+    name: str
+    header: tuple[bytes, bytes]
 
 
-def _variant(policy: TrafficPolicy, version: int) -> tuple[bytes, bytes]:
-    """The `tidegate-variant` header of a request that named its version."""
+def _named(name: str) -> Variant:
+    return Variant(name, (b"tidegate-variant", name.encode()))
+
+
+STABLE, CANARY, OTHER = _named("stable"), _named("canary"), _named("other")
+
+
+def _variant(policy: TrafficPolicy, version: int, stable: int) -> Variant:
+    """The variant of a request that named its version."""
     if version == policy.canary:
-        return _CANARY
-    if policy.stable is None or version == policy.stable:
-        return _STABLE
-    return _OTHER
+        return CANARY
+    return STABLE if version == stable else OTHER
 
 
 @dataclass(slots=True, frozen=True)

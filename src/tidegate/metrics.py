@@ -8,15 +8,25 @@ first ones, in a stable order, so series do not come and go between scrapes);
 the per-version maximum PSI covers the rest.
 """
 
-from collections.abc import Iterator
+import bisect
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from tidegate.control import ControlPlane
 from tidegate.observer import DriftObserver
 from tidegate.registry import Registry
+from tidegate.rollout import STATUSES
+from tidegate.stats import LATENCY_BOUNDS_S, Buckets, VersionStats
 
 MAX_FEATURES_PER_VERSION = 100
 VERDICTS = {"no_drift": 0.0, "drift": 1.0, "insufficient_data": -1.0}
@@ -74,19 +84,64 @@ class DriftCollector:
         yield from (psi, max_psi, verdict, dropped, queue)
 
 
-class InferenceCollector:
-    """Request, row and run counts and queue depth of every serving version, read from
-    the statistics the hot path keeps anyway (Triton's /stats), at scrape time."""
+def _histogram(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, documentation, labels=labels)
 
-    def __init__(self, registry: Registry) -> None:
+
+def _add_buckets(family: HistogramMetricFamily, labels: list[str], buckets: Buckets) -> None:
+    """Adds one series of cumulative buckets (Prometheus's `le`), in seconds."""
+    cumulative = list(itertools.accumulate(buckets.counts))
+    edges = [*(str(bound) for bound in LATENCY_BOUNDS_S), "+Inf"]
+    family.add_metric(labels, list(zip(edges, cumulative, strict=True)), buckets.sum_ns / 1e9)
+
+
+def _batch_sizes(stats: VersionStats) -> tuple[list[tuple[str, float]], float]:
+    """Runs by rows, in power-of-two buckets: (le, cumulative count) pairs and the sum."""
+    largest = max(stats.batches, default=1)
+    bounds = [2**i for i in range(max(largest, 1).bit_length() + 1)]
+    counts = [0] * len(bounds)
+    total = 0
+    for rows, batch in stats.batches.items():
+        runs = batch.compute_infer.count
+        counts[bisect.bisect_left(bounds, rows)] += runs
+        total += rows * runs
+    cumulative = list(itertools.accumulate(counts))
+    buckets = [(str(float(b)), float(c)) for b, c in zip(bounds, cumulative, strict=True)]
+    return [*buckets, ("+Inf", float(cumulative[-1]))], float(total)
+
+
+class InferenceCollector:
+    """Request, row and run counts, latency and batch-size histograms and queue depth
+    of every serving version, read at scrape time from the statistics the hot path
+    keeps anyway (Triton's /stats and its bucket counts)."""
+
+    def __init__(self, registry: Registry, in_flight: Callable[[], int]) -> None:
         self._registry = registry
+        self._in_flight = in_flight
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "version"]
+        variant = [*labels, "variant"]
         requests = CounterMetricFamily(
             "tidegate_inference_requests",
-            "Inference requests answered, by outcome (success, or failure: 4xx and 503).",
-            labels=[*labels, "outcome"],
+            "Inference requests answered, by variant (stable, canary, shadow: mirrored, "
+            "other: a version named in the path) and outcome (success, or failure: 4xx, 503).",
+            labels=[*variant, "outcome"],
+        )
+        latency = {
+            part: _histogram(
+                f"tidegate_request_{part}_seconds",
+                f"Successful requests' {what}, by variant.",
+                variant,
+            )
+            for part, what in (
+                ("duration", "time from arrival to the response"),
+                ("queue", "time waiting in the version's batch queue"),
+                ("compute", "time decoding, running and encoding"),
+            )
+        }
+        batch_size = HistogramMetricFamily(
+            "tidegate_batch_size_rows", "Rows per model run (a joined batch).", labels=labels
         )
         rows = CounterMetricFamily(
             "tidegate_inference_rows", "Rows inferred (a batch counts each row).", labels=labels
@@ -97,22 +152,107 @@ class InferenceCollector:
         depth = GaugeMetricFamily(
             "tidegate_queue_depth", "Requests waiting in the version's batch queue.", labels=labels
         )
+        load = GaugeMetricFamily(
+            "tidegate_model_load_seconds",
+            "Seconds the serving version took to build and warm up.",
+            labels=labels,
+        )
         for deployment in self._registry.deployments():
             version = [deployment.name, deployment.version_label]
             stats = deployment.stats
-            requests.add_metric([*version, "success"], stats.success.count)
-            requests.add_metric([*version, "failure"], stats.fail.count)
+            # "stable" always, so a version's series exist before its first request.
+            for name in sorted({"stable", *stats.latency, *stats.failures}):
+                series = stats.latency.get(name)
+                success = sum(series.total.counts) if series is not None else 0
+                requests.add_metric([*version, name, "success"], success)
+                requests.add_metric([*version, name, "failure"], stats.failures.get(name, 0))
+                if series is not None:
+                    _add_buckets(latency["duration"], [*version, name], series.total)
+                    _add_buckets(latency["queue"], [*version, name], series.queue)
+                    _add_buckets(latency["compute"], [*version, name], series.compute)
+            buckets, total = _batch_sizes(stats)
+            batch_size.add_metric(version, buckets, total)
             rows.add_metric(version, stats.inference_count)
             runs.add_metric(version, stats.execution_count)
             depth.add_metric(version, deployment.batcher.depth)
-        yield from (requests, rows, runs, depth)
+            load.add_metric(version, deployment.load_seconds)
+        failures = CounterMetricFamily(
+            "tidegate_model_load_failures",
+            "Loads of the model that failed (the serving versions were kept).",
+            labels=["model"],
+        )
+        for name, count in sorted(self._registry.load_failures.items()):
+            failures.add_metric([name], count)
+        in_flight = GaugeMetricFamily(
+            "tidegate_inflight_requests", "Inference requests being answered now."
+        )
+        in_flight.add_metric([], self._in_flight())
+        yield from (requests, *latency.values(), batch_size, rows, runs, depth, load)
+        yield from (failures, in_flight)
 
 
-def collectors(registry: Registry, observer: DriftObserver) -> CollectorRegistry:
+CHECK_VALUES = {"pass": 1.0, "continue": 0.0, "fail": -1.0}
+
+
+class RolloutCollector:
+    """Each model's rollout (step, weight, status, the judge's last verdicts) and its
+    shadow traffic, read from the control plane at scrape time."""
+
+    def __init__(self, control: ControlPlane) -> None:
+        self._control = control
+
+    def collect(self) -> Iterator[Metric]:
+        step = GaugeMetricFamily(
+            "tidegate_rollout_step", "The rollout's current step (1-based).", labels=["model"]
+        )
+        weight = GaugeMetricFamily(
+            "tidegate_rollout_weight_percent", "The canary's weight now.", labels=["model"]
+        )
+        status = GaugeMetricFamily(
+            "tidegate_rollout_status",
+            "1 for the rollout's status (running, paused, promoted, rolled_back).",
+            labels=["model", "status"],
+        )
+        check = GaugeMetricFamily(
+            "tidegate_rollout_check",
+            "The judge's last verdict per check: 1 pass, 0 continue, -1 fail.",
+            labels=["model", "check"],
+        )
+        for name, rollout in sorted(self._control.rollouts.items()):
+            step.add_metric([name], rollout.step + 1)
+            weight.add_metric([name], rollout.weight)
+            for state in STATUSES:
+                status.add_metric([name, state], float(rollout.status == state))
+            for verdict in (rollout.judgement or {}).get("checks", []):
+                check.add_metric([name, verdict["name"]], CHECK_VALUES[verdict["verdict"]])
+        traffic = self._control.traffic
+        mirrored = CounterMetricFamily(
+            "tidegate_shadow_mirrored_requests",
+            "Requests copied to a shadow canary.",
+            labels=["model"],
+        )
+        dropped = CounterMetricFamily(
+            "tidegate_shadow_dropped_requests",
+            "Shadow copies dropped because the mirror was full (the request never waited).",
+            labels=["model"],
+        )
+        for name in sorted({*traffic.mirrored, *traffic.mirror_dropped}):
+            mirrored.add_metric([name], traffic.mirrored.get(name, 0))
+            dropped.add_metric([name], traffic.mirror_dropped.get(name, 0))
+        yield from (step, weight, status, check, mirrored, dropped)
+
+
+def collectors(
+    registry: Registry,
+    observer: DriftObserver,
+    control: ControlPlane,
+    in_flight: Callable[[], int],
+) -> CollectorRegistry:
     """A private collector registry (not the process-wide default) for one app."""
     collected = CollectorRegistry(auto_describe=False)
-    collected.register(InferenceCollector(registry))
+    collected.register(InferenceCollector(registry, in_flight))
     collected.register(DriftCollector(registry, observer))
+    collected.register(RolloutCollector(control))
     return collected
 
 

@@ -54,6 +54,7 @@ class Deployment:
     config: ModelConfig
     fingerprint: Fingerprint  # of the version's files when they were read
     memory_bytes: int | None  # growth of the process's RSS while loading it
+    load_seconds: float  # building and warming it
     drift: DriftMonitor | None  # None when [drift] enabled = false
     executor: InitVar[InferenceExecutor]
     stats: VersionStats = field(default_factory=VersionStats)
@@ -118,12 +119,14 @@ def _rss_bytes() -> int | None:
 def _build(source: ModelSource, version: VersionSource, executor: InferenceExecutor) -> Deployment:
     """Loads and warms one version (blocking: runs on a loader thread)."""
     with _BUILD_LOCK:
+        started = time.perf_counter()
         before = _rss_bytes()
         model = OnnxModel(version.model_path, source.config.runtime)
         sample = load_reference(version.reference_path) if version.reference_path else None
         model.warm_up(sample)
         drift = _drift_monitor(source.config.drift, model, sample)
         after = _rss_bytes()
+        seconds = time.perf_counter() - started
     memory = None if before is None or after is None else max(after - before, 0)
     return Deployment(
         source.name,
@@ -132,6 +135,7 @@ def _build(source: ModelSource, version: VersionSource, executor: InferenceExecu
         source.config,
         version.fingerprint,
         memory,
+        seconds,
         drift,
         executor,
     )
@@ -215,6 +219,7 @@ class Registry:
         # model name -> the version that answers when a request names none (its
         # traffic policy's stable); without one, or while it is not loaded, the highest.
         self._stable: dict[str, int] = {}
+        self.load_failures: dict[str, int] = {}  # model name -> loads that failed
 
     # -- reading (the hot path) -------------------------------------------------
 
@@ -329,6 +334,7 @@ class Registry:
                 _check_inputs(name, built, serving[max(serving)] if serving else None)
             except BadRequest as exc:
                 self._problems[name] = exc.message
+                self.load_failures[name] = self.load_failures.get(name, 0) + 1
                 raise
             snapshot = dict(kept) if version is None else dict(self._models.get(name, {}))
             snapshot.update({d.version: d for d in built})

@@ -16,6 +16,7 @@ from tidegate.config import RolloutConfig
 from tidegate.judge import Thresholds
 
 RUNNING, PAUSED, PROMOTED, ROLLED_BACK = "running", "paused", "promoted", "rolled_back"
+STATUSES = (RUNNING, PAUSED, PROMOTED, ROLLED_BACK)
 HISTORY_LIMIT = 100  # transitions kept in the state (the audit log keeps them all)
 
 
@@ -91,6 +92,6 @@ class Rollout:
         rollout = cls(**{**document, "config": RolloutConfig(**config)})
         if not 0 <= rollout.step < len(rollout.config.steps):
             raise ValueError(f"step {rollout.step} is not one of the rollout's steps")
-        if rollout.status not in (RUNNING, PAUSED, PROMOTED, ROLLED_BACK):
+        if rollout.status not in STATUSES:
             raise ValueError(f"unknown rollout status {rollout.status!r}")
         return rollout

@@ -6,9 +6,18 @@ milliseconds since the epoch. The hot path records monotonic nanoseconds only;
 the wall-clock time of the last inference is worked out when the stats are read.
 """
 
+import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+# Upper bounds of the latency histograms `/metrics` exposes, in seconds. Fixed, and the
+# same on every replica, so that histograms aggregate across them (`sum by (le)`).
+LATENCY_BOUNDS_S = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+_BOUNDS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BOUNDS_S)
 
 
 @dataclass(slots=True)
@@ -45,6 +54,28 @@ class Timings:
 
 
 @dataclass(slots=True)
+class Buckets:
+    """Durations counted in the `LATENCY_BOUNDS_S` buckets (the last: above them all)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(_BOUNDS_NS) + 1))
+    sum_ns: int = 0
+
+    def add(self, ns: int) -> None:
+        # bisect_left: a duration equal to a bound counts in that bound's bucket (le).
+        self.counts[bisect.bisect_left(_BOUNDS_NS, ns)] += 1
+        self.sum_ns += ns
+
+
+@dataclass(slots=True)
+class Latency:
+    """One variant's successful requests: total time, time queued, time computing."""
+
+    total: Buckets = field(default_factory=Buckets)
+    queue: Buckets = field(default_factory=Buckets)
+    compute: Buckets = field(default_factory=Buckets)
+
+
+@dataclass(slots=True)
 class VersionStats:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
@@ -56,10 +87,22 @@ class VersionStats:
     execution_count: int = 0  # model runs: one per batch
     batches: dict[int, BatchStats] = field(default_factory=dict)
     last_inference_ns: int | None = None  # on the monotonic clock
+    # By variant (stable, canary, shadow, other): the latency histograms of /metrics,
+    # and the failures.
+    latency: dict[str, Latency] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
 
-    def record_success(self, rows: int, timings: Timings, now_ns: int) -> None:
+    def record_success(
+        self, rows: int, timings: Timings, now_ns: int, variant: str = "stable"
+    ) -> None:
         """One request answered: its own times (a batch's run counts for each of its
         requests, as in Triton)."""
+        latency = self.latency.get(variant)
+        if latency is None:
+            latency = self.latency[variant] = Latency()
+        latency.total.add(timings.total)
+        latency.queue.add(timings.queue)
+        latency.compute.add(timings.compute_input + timings.compute_infer + timings.compute_output)
         self.success.add(timings.total)
         self.queue.add(timings.queue)
         self.compute_input.add(timings.compute_input)
@@ -79,7 +122,8 @@ class VersionStats:
         batch.compute_infer.add(run_ns)
         batch.compute_output.add(split_ns)
 
-    def record_failure(self, total_ns: int, now_ns: int) -> None:
+    def record_failure(self, total_ns: int, now_ns: int, variant: str = "stable") -> None:
+        self.failures[variant] = self.failures.get(variant, 0) + 1
         self.fail.add(total_ns)
         self.last_inference_ns = now_ns
 
