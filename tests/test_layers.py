@@ -40,7 +40,7 @@ LAYERS = {
         "requestlog",
     },
     2: {"batcher", "registry", "poller", "observer", "bench", "canary", "control"},
-    3: {"infer", "v2", "app", "client", "metrics", "control_api"},
+    3: {"infer", "v2", "app", "client", "metrics", "control_api", "access"},
     4: {"server", "cli", "__main__"},
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}

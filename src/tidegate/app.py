@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -12,17 +12,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tidegate.access import AccessGate
+from tidegate.auth import AuthFile
 from tidegate.canary import Traffic
 from tidegate.config import ServerConfig
 from tidegate.control import ControlPlane
 from tidegate.control_api import ControlApi
 from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
-from tidegate.infer import InferRouter, error_parts
+from tidegate.infer import ASGIApp, InferRouter, error_parts
 from tidegate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, collectors, render
 from tidegate.observer import DriftObserver
 from tidegate.poller import RepositoryPoller
 from tidegate.registry import Registry
+from tidegate.requestlog import RequestLog, RequestLogConfig
 from tidegate.v2 import DataPlane, json_response
 
 log = logging.getLogger("tidegate.app")
@@ -74,7 +77,7 @@ def _routes(plane: DataPlane) -> list[Route]:
     return routes
 
 
-def create_app(config: ServerConfig) -> InferRouter:
+def create_app(config: ServerConfig) -> ASGIApp:
     """The tidegate application for one repository. Models load during startup.
 
     Inference requests are answered by `InferRouter`, a pure ASGI app in front of
@@ -90,7 +93,14 @@ def create_app(config: ServerConfig) -> InferRouter:
     def count_in_flight() -> int:
         return router.in_flight
 
-    metrics = collectors(registry, observer, control, count_in_flight)
+    request_log = None
+    if config.request_log_dir is not None:
+        request_log = RequestLog(
+            RequestLogConfig(
+                config.request_log_dir, config.request_log_sample, config.request_log_payload
+            )
+        )
+    metrics = collectors(registry, observer, control, count_in_flight, request_log)
 
     async def metrics_endpoint(request: Request) -> Response:
         body = await asyncio.to_thread(render, metrics)
@@ -128,6 +138,8 @@ def create_app(config: ServerConfig) -> InferRouter:
             executor.shutdown()
             observer.stop()
             control.audit.close()
+            if request_log is not None:
+                request_log.close()
 
     app = Starlette(
         routes=[
@@ -142,5 +154,22 @@ def create_app(config: ServerConfig) -> InferRouter:
             Exception: _unexpected_error,
         },
     )
-    router = InferRouter(app, registry, traffic, observer, config.max_body_bytes)
-    return router
+    router = InferRouter(app, registry, traffic, observer, config.max_body_bytes, request_log)
+    if config.auth_file is None:
+        return router
+    return AccessGate(router, AuthFile(config.auth_file, on_reload=_audit_reloads(control)))
+
+
+def _audit_reloads(control: ControlPlane) -> Callable[[bool, str], None]:
+    """Audits each re-read of the auth file. Called on the event loop, by the request
+    that noticed the change: the audit's fsync runs in a task, not in that request."""
+    pending: set[asyncio.Task[None]] = set()
+
+    def reloaded(ok: bool, detail: str) -> None:
+        outcome = "done" if ok else "failed"
+        record = control.record("auth-file", "auth.reload", None, outcome, detail)
+        task = asyncio.get_running_loop().create_task(record)
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    return reloaded

@@ -144,8 +144,17 @@ class ServerConfig:
     # None: models change only through the repository API.
     poll_interval: float | None = None
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one JSON object per line
     # Traffic policies, rollouts and the audit log; None: <repository>/.tidegate
     state_dir: Path | None = None
+    # Named bearer tokens and their roles (see `auth`); None: no access control, which
+    # is only allowed on a loopback address unless `insecure_no_auth` says otherwise.
+    auth_file: Path | None = None
+    insecure_no_auth: bool = False
+    # The sampled request log (see `requestlog`): off without a directory.
+    request_log_dir: Path | None = None
+    request_log_sample: float = 1.0
+    request_log_payload: bool = False
 
 
 class _Section:

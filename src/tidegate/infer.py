@@ -23,6 +23,7 @@ from tidegate.canary import ModelTraffic, Traffic
 from tidegate.errors import BadRequest, MethodNotAllowed, Overloaded, TidegateError, TooLarge
 from tidegate.observer import DriftObserver
 from tidegate.registry import Deployment, Registry
+from tidegate.requestlog import RequestLog, timestamp
 from tidegate.stats import Timings
 from tidegate.traffic import TrafficPolicy
 
@@ -95,12 +96,21 @@ def error_parts(exc: TidegateError) -> tuple[int, list[tuple[bytes, bytes]], byt
     return exc.status, headers, orjson.dumps({"error": exc.message})
 
 
-async def _respond(
-    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-) -> None:
+async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _capturing(receive: Receive, chunks: list[bytes]) -> Receive:
+    """`receive`, keeping a copy of the body's chunks (for the request log's payload)."""
+
+    async def capture() -> Message:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        return message
+
+    return capture
 
 
 def _infer_target(path: str) -> tuple[str, str | None] | None:
@@ -125,6 +135,7 @@ class InferRouter:
         traffic: Traffic,
         observer: DriftObserver,
         max_body: int,
+        request_log: RequestLog | None = None,
     ) -> None:
         self.app = app
         self.registry = registry
@@ -132,6 +143,7 @@ class InferRouter:
         self.observer = observer
         self.max_body = max_body
         self.in_flight = 0  # infer requests being answered now
+        self.request_log = request_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         target = _infer_target(scope["path"]) if scope["type"] == "http" else None
@@ -148,6 +160,12 @@ class InferRouter:
         self, scope: Scope, receive: Receive, send: Send, target: tuple[str, str | None]
     ) -> None:
         served = None
+        started = time.perf_counter_ns()
+        sampled = self.request_log is not None and self.request_log.sampled()
+        received: list[bytes] = []
+        if sampled and self.request_log is not None and self.request_log.config.payload:
+            receive = _capturing(receive, received)
+        error = None
         try:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}")
@@ -155,13 +173,22 @@ class InferRouter:
             status, headers, body = 200, served.headers, served.body
         except TidegateError as exc:
             status, headers, body = error_parts(exc)
+            error = exc.message
+            log.info(
+                "%s %s: %d %s",
+                scope["method"],
+                scope["path"],
+                status,
+                error,
+                extra={"model": target[0], "status": status},
+            )
         except ClientGone:
             return
         except Exception as exc:  # a bug, not bad input: log it, answer in the V2 format
             log.exception("unexpected error on %s %s", scope["method"], scope["path"])
             status, headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
             body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
-        await _respond(send, status, headers, body)
+        await respond(send, status, headers, body)
         # Only now, with the answer handed back: the drift statistics of the whole batch,
         # off this thread (one request of each batch carries them).
         if served is not None and served.observed is not None:
@@ -170,6 +197,23 @@ class InferRouter:
                 self.observer.submit(drift, *served.observed)
         if served is not None and served.mirror is not None:
             self.traffic.mirror(*served.mirror)
+        if sampled and self.request_log is not None:
+            entry: dict[str, object] = {
+                "time": timestamp(),
+                "request_id": None if served is None else served.request_id,
+                "model": target[0],
+                "version": target[1] if served is None else served.deployment.version_label,
+                "variant": None if served is None else served.variant,
+                "latency_ms": (time.perf_counter_ns() - started) / 1e6,
+                "status": int(status),
+                "outcome": "success" if error is None and status == 200 else "error",
+            }
+            if error is not None:
+                entry["error"] = error
+            if received:
+                entry["request"] = b"".join(received)
+                entry["response"] = body
+            self.request_log.record(entry)
 
     async def _infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
@@ -233,7 +277,9 @@ class InferRouter:
             length_header = (b"inference-header-content-length", str(json_length).encode())
             headers = [_BINARY_TYPE, deployment.version_header, variant.header, length_header]
         mirrored = (live, decoded.inputs, rows, result.outputs) if mirror and live else None
-        return _Served(headers, payload, deployment, result.observed, mirrored)
+        return _Served(
+            headers, payload, deployment, result.observed, mirrored, variant.name, decoded.id
+        )
 
     async def _decode(
         self, scope: Scope, receive: Receive, deployment: Deployment
@@ -302,3 +348,5 @@ class _Served:
     observed: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None
     # In shadow mode, sampled: (model, inputs, rows, stable's outputs) to mirror.
     mirror: tuple[ModelTraffic, dict[str, np.ndarray], int, dict[str, np.ndarray]] | None
+    variant: str
+    request_id: str | None  # the V2 request's `id`

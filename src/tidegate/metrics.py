@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from tidegate.control import ControlPlane
 from tidegate.observer import DriftObserver
 from tidegate.registry import Registry
+from tidegate.requestlog import RequestLog
 from tidegate.rollout import STATUSES
 from tidegate.stats import LATENCY_BOUNDS_S, Buckets, VersionStats
 
@@ -242,17 +243,41 @@ class RolloutCollector:
         yield from (step, weight, status, check, mirrored, dropped)
 
 
+class RequestLogCollector:
+    """What the request log wrote and dropped (its queue full, or its disk failing)."""
+
+    def __init__(self, request_log: RequestLog) -> None:
+        self._log = request_log
+
+    def collect(self) -> Iterator[Metric]:
+        written = CounterMetricFamily(
+            "tidegate_request_log_written", "Request log entries written."
+        )
+        written.add_metric([], self._log.written)
+        dropped = CounterMetricFamily(
+            "tidegate_request_log_dropped",
+            "Request log entries dropped: the queue was full, or writing failed.",
+            labels=["reason"],
+        )
+        dropped.add_metric(["queue_full"], self._log.dropped_full)
+        dropped.add_metric(["write_error"], self._log.dropped_error)
+        yield from (written, dropped)
+
+
 def collectors(
     registry: Registry,
     observer: DriftObserver,
     control: ControlPlane,
     in_flight: Callable[[], int],
+    request_log: RequestLog | None,
 ) -> CollectorRegistry:
     """A private collector registry (not the process-wide default) for one app."""
     collected = CollectorRegistry(auto_describe=False)
     collected.register(InferenceCollector(registry, in_flight))
     collected.register(DriftCollector(registry, observer))
     collected.register(RolloutCollector(control))
+    if request_log is not None:
+        collected.register(RequestLogCollector(request_log))
     return collected
 
 
