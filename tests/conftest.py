@@ -27,7 +27,9 @@ def free_port() -> int:
 class LiveServer:
     """A `tidegate serve` subprocess on a free loopback port, stopped by its PID."""
 
-    def __init__(self, repository: Path, *extra: str, log_path: Path) -> None:
+    def __init__(
+        self, repository: Path, *extra: str, log_path: Path, probe_token: str | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.base = f"http://{self.url}"
@@ -49,6 +51,10 @@ class LiveServer:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.client = httpx.Client(base_url=self.base, timeout=30)
+        # With an auth file, health needs a reader's token; the client sends none itself.
+        self._probe_headers = (
+            {} if probe_token is None else {"Authorization": f"Bearer {probe_token}"}
+        )
         self._wait_ready()
 
     def _wait_ready(self) -> None:
@@ -58,7 +64,8 @@ class LiveServer:
                 self._log.close()
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
-                if self.client.get("/v2/health/ready").status_code == 200:
+                ready = self.client.get("/v2/health/ready", headers=self._probe_headers)
+                if ready.status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -114,8 +121,9 @@ def start_server(tmp_path: Path) -> Iterator[type[LiveServer]]:
     """Starts servers for one test (any options) and stops them after it."""
     started: list[LiveServer] = []
 
-    def start(repository: Path, *extra: str) -> LiveServer:
-        live = LiveServer(repository, *extra, log_path=tmp_path / f"server{len(started)}.log")
+    def start(repository: Path, *extra: str, probe_token: str | None = None) -> LiveServer:
+        log_path = tmp_path / f"server{len(started)}.log"
+        live = LiveServer(repository, *extra, log_path=log_path, probe_token=probe_token)
         started.append(live)
         return live
 
