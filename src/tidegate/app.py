@@ -34,6 +34,15 @@ log = logging.getLogger("tidegate.app")
 async def _tidegate_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TidegateError)
     status, headers, body = error_parts(exc)
+    model = request.path_params.get("model")
+    log.info(
+        "%s %s: %d %s",
+        request.method,
+        request.url.path,
+        status,
+        exc.message,
+        extra={"model": model, "status": status},
+    )
     return Response(body, status, headers={k.decode(): v.decode() for k, v in headers})
 
 
