@@ -25,7 +25,9 @@ RUN mkdir -p "$NUMBA_CACHE_DIR" \
 
 USER tidegate
 EXPOSE 8000
+# With an auth file, health needs a reader's token: pass one as TIDEGATE_HEALTH_TOKEN.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=2).status != 200)"]
-# Inside a container the port is published by the runtime, so bind every interface.
-CMD ["tidegate", "serve", "/app/models", "--host", "0.0.0.0", "--port", "8000"]
+    CMD ["python", "-c", "import os, sys, urllib.request as u; t = os.environ.get('TIDEGATE_HEALTH_TOKEN'); h = {'Authorization': 'Bearer ' + t} if t else {}; sys.exit(u.urlopen(u.Request('http://127.0.0.1:8000/v2/health/ready', headers=h), timeout=2).status != 200)"]
+# Inside a container the port is published by the runtime, so bind every interface;
+# beyond loopback tidegate needs an auth file (mount one here; see the README).
+CMD ["tidegate", "serve", "/app/models", "--host", "0.0.0.0", "--port", "8000", "--auth-file", "/etc/tidegate/auth.toml"]

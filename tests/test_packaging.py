@@ -17,6 +17,12 @@ def test_dockerfile_installs_with_the_makefile_and_runs_unprivileged():
     assert "NUMBA_CACHE_DIR=" in dockerfile
     assert "chown -R tidegate:tidegate /var/cache/tidegate" in dockerfile
     assert "COPY models ./models" in dockerfile
+    # The container binds every interface, so it must not serve without access control.
+    command = re.search(r"^CMD (.*)$", dockerfile, re.MULTILINE)
+    assert command is not None
+    assert '"0.0.0.0"' in command.group(1)
+    assert '"--auth-file"' in command.group(1)
+    assert "--insecure-no-auth" not in command.group(1)
 
 
 def test_make_targets_do_their_own_setup():
