@@ -302,3 +302,21 @@ def test_a_truncated_audit_line_does_not_stop_the_server(
     listed = server.client.get("/v2/audit").json()
     assert listed["unreadable_lines"] == 1
     assert [e["action"] for e in listed["entries"]] == ["load"]
+
+
+def test_a_shadow_rollout_of_the_bad_version_rolls_back_on_disagreement(
+    live: LiveServer, state_dir: Path, wine_traffic: Traffic
+):
+    _start(live, "wine", "3", **{**FAST, "mode": "shadow", "min_rows": 10_000})
+    status = _wait_until(live, "wine", _finished)
+    assert status["status"] == "rolled_back"
+    failing = _check(status, "disagreement")
+    assert failing["verdict"] == "fail"
+    assert status["reason"].startswith("disagreement")
+    numbers = failing["numbers"]
+    assert numbers["disagreeing"] / numbers["rows"] > 0.2  # v3 differs on ~32 % of rows
+    # Stable answered every request throughout.
+    wine_traffic.close()
+    assert set(wine_traffic.statuses) == {200}
+    rollback = next(e for e in _audit(state_dir) if e["action"] == "rollout.rollback")
+    assert _check(rollback, "disagreement")["numbers"] == numbers
