@@ -1,10 +1,12 @@
 """A small synchronous client for the V2 control plane: server metadata, the
-repository index, and loading and unloading models.
+repository index, loading and unloading models, and tidegate's own extensions
+(drift reports, traffic policies, progressive rollouts, the audit log).
 
-It is what `tidegate status`, `tidegate load` and `tidegate unload` talk through,
-so it is built on the standard library alone (`http.client`, `json`) and imports
-nothing from the server side: it starts fast, and it works against any server
-that implements Triton's model repository extension, not only tidegate.
+It is what the control commands (`tidegate status`, `load`, `canary`, `rollout`, ...)
+talk through, so it is built on the standard library alone (`http.client`, `json`)
+and imports nothing from the server side: it starts fast, and its repository calls
+work against any server that implements Triton's model repository extension, not
+only tidegate. With a `token`, every request carries `Authorization: Bearer <token>`.
 
 Errors, drawn as httpx draws its own:
 
@@ -18,16 +20,18 @@ translated once, in `ControlClient._request`; callers catch these two.
 
 import http.client
 import json
-from typing import Any, NotRequired, TypedDict, cast
-from urllib.parse import quote, urlsplit
+from typing import Any, Literal, NotRequired, TypedDict, cast, get_args
+from urllib.parse import quote, urlencode, urlsplit
 
 from tidegate import __version__
 
 __all__ = [
+    "ROLLOUT_ACTIONS",
     "ClientError",
     "ControlClient",
     "IndexRow",
     "ModelMetadata",
+    "RolloutAction",
     "ServerError",
     "ServerMetadata",
     "Unreachable",
@@ -84,6 +88,10 @@ class ModelMetadata(TypedDict):
     outputs: list[dict[str, Any]]
 
 
+RolloutAction = Literal["promote", "rollback", "pause", "resume"]
+ROLLOUT_ACTIONS: tuple[RolloutAction, ...] = get_args(RolloutAction)
+
+
 class ControlClient:
     """Calls one V2 server's control endpoints, one short-lived connection per call.
 
@@ -97,12 +105,22 @@ class ControlClient:
             serves, so this must cover a model's load and warm-up.
         connect_timeout: seconds to wait for the connection itself, kept short so an
             address where nothing answers fails fast.
+        token: a bearer token, sent as `Authorization: Bearer <token>` on every request
+            (a server with access control answers 401 without one, 403 when its role
+            may not do the call). Kept out of `repr` and of every error message.
 
     Raises:
-        ValueError: `url` is not an http(s) URL with a host.
+        ValueError: `url` is not an http(s) URL with a host, or `token` is empty, not
+            ASCII, or holds whitespace or control characters (not sendable as a header).
     """
 
-    def __init__(self, url: str, timeout: float = 300.0, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 300.0,
+        connect_timeout: float = 5.0,
+        token: str | None = None,
+    ) -> None:
         if "://" not in url:
             url = f"http://{url}"
         parts = urlsplit(url)
@@ -123,6 +141,17 @@ class ControlClient:
         self.url = f"{parts.scheme}://{parts.netloc}{self._prefix}"
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        if token is not None and (
+            not token
+            or not token.isascii()
+            or not token.isprintable()
+            or any(c.isspace() for c in token)
+        ):
+            # Never quote the token: it is a secret, and error messages end up in logs.
+            raise ValueError(
+                "the token must be non-empty ASCII, without spaces or control characters"
+            )
+        self._token = token
 
     # -- the V2 calls ---------------------------------------------------------------
 
@@ -158,6 +187,73 @@ class ControlClient:
         """Stops serving a model, or one version of it."""
         self._request("POST", f"/v2/repository{_model_path(model)}/unload", _options(version))
 
+    # -- tidegate's traffic, rollout and audit extensions ------------------------------
+
+    def traffic(self, model: str) -> dict[str, Any]:
+        """`GET /v2/models/MODEL/traffic`: the model's policy (`stable`, `canary`, `weight`,
+        `mode`) and, while it has a canary, the current `window` of each side."""
+        return cast(dict[str, Any], self._request("GET", f"/v2{_model_path(model)}/traffic"))
+
+    def set_traffic(self, model: str, **fields: Any) -> dict[str, Any]:
+        """`PUT /v2/models/MODEL/traffic`: changes the fields given (`stable`, `canary`,
+        `weight`, `mode`), keeping the others; `canary=None, weight=0` removes the
+        canary. Returns the resulting policy, as `traffic` does.
+
+        Raises:
+            ServerError: 409 while a rollout of the model is running or paused.
+        """
+        return cast(
+            dict[str, Any], self._request("PUT", f"/v2{_model_path(model)}/traffic", fields)
+        )
+
+    def start_rollout(self, model: str, version: int | str, **options: Any) -> dict[str, Any]:
+        """`POST /v2/models/MODEL/rollout`: starts walking `version` through the steps as
+        the canary. `options` override the model's `[rollout]` settings (`steps`, `mode`,
+        `min_rows`, `min_dwell_s`, `max_dwell_s`, `epoch_s`, `alpha`, `error_margin`,
+        `latency_p99_ratio`, `min_latency_samples`, `psi`, `disagreement`). Returns the
+        rollout's status, as `rollout` does.
+
+        Raises:
+            ServerError: 409 when the model already has a rollout in progress.
+        """
+        body = {"version": str(version), **options}
+        return cast(dict[str, Any], self._request("POST", f"/v2{_model_path(model)}/rollout", body))
+
+    def rollout(self, model: str) -> dict[str, Any]:
+        """`GET /v2/models/MODEL/rollout`: the model's latest rollout: `status` (running,
+        paused, promoted, rolled_back), `step` (1-based) of `steps`, `weight`, the judge's
+        last `judgement` with its checks, the `history`, and the `window` while it runs.
+
+        Raises:
+            ServerError: 404 when the model has never had a rollout.
+        """
+        return cast(dict[str, Any], self._request("GET", f"/v2{_model_path(model)}/rollout"))
+
+    def rollout_action(self, model: str, action: RolloutAction) -> dict[str, Any]:
+        """`POST /v2/models/MODEL/rollout/ACTION`: promote, roll back, pause or resume the
+        model's rollout now. Returns the rollout's status after the action.
+
+        Raises:
+            ValueError: `action` is not one of `ROLLOUT_ACTIONS`.
+            ServerError: 409 when the action does not fit the rollout's state (it has
+                finished, or a resume of one that is not paused), 404 without a rollout.
+        """
+        if action not in ROLLOUT_ACTIONS:
+            raise ValueError(f"unknown rollout action {action!r} (one of {ROLLOUT_ACTIONS})")
+        path = f"/v2{_model_path(model)}/rollout/{action}"
+        return cast(dict[str, Any], self._request("POST", path, {}))
+
+    def audit(self, model: str | None = None, limit: int | None = None) -> dict[str, Any]:
+        """`GET /v2/audit`: `{"entries": [...], "unreadable_lines": n}`, the log's last
+        `limit` entries (the server's default without it), of one model if given, oldest
+        first. Each entry has `time`, `actor`, `action`, `model`, `reason`, `outcome`,
+        and the action's details (`versions`, `step`, `weight`, `policy`, ...)."""
+        query = {
+            key: value for key, value in (("model", model), ("limit", limit)) if value is not None
+        }
+        path = "/v2/audit" + (f"?{urlencode(query)}" if query else "")
+        return cast(dict[str, Any], self._request("GET", path))
+
     # -- the one place that does I/O ------------------------------------------------
 
     def _request(
@@ -174,6 +270,8 @@ class ControlClient:
             "Content-Type": "application/json",
             "User-Agent": f"tidegate/{__version__}",
         }
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
         connection = self._connection_class(self._host, self._port, timeout=self.connect_timeout)
         try:
             connection.connect()
