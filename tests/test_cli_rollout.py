@@ -25,6 +25,7 @@ import pytest
 
 from tests.conftest import LiveServer, free_port
 from tests.shipped import ShippedVersion, json_request, reference_rows
+from tidegate.auth import hash_token
 
 StartServer = Callable[..., LiveServer]
 FAST = ["--min-rows", "100", "--min-dwell", "0.5", "--epoch", "0.2", "--min-latency-samples", "20"]
@@ -531,3 +532,47 @@ def test_the_token_is_sent_as_a_bearer_header(stub: Stub):
     assert "--token" in result.stderr
     assert "two words" not in result.stderr
     assert stub.seen == []
+
+
+def test_the_token_against_a_server_with_an_auth_file(
+    start_server: StartServer, models_dir: Path, tmp_path: Path
+):
+    tokens = {  # name: (token, roles)
+        "watcher": ("reader-s3cret", ["reader"]),
+        "deployer": ("operator-s3cret", ["operator", "reader"]),
+        "root": ("admin-s3cret", ["admin"]),
+    }
+    auth_file = tmp_path / "auth.toml"
+    auth_file.write_text(
+        "".join(
+            f'[tokens.{name}]\nsha256 = "{hash_token(token)}"\nroles = {json.dumps(roles)}\n'
+            for name, (token, roles) in tokens.items()
+        )
+    )
+    live = start_server(models_dir, "--auth-file", str(auth_file), probe_token="reader-s3cret")
+    url = {"TIDEGATE_URL": live.url}
+
+    stderr = refused("traffic", "wine", **url)
+    assert stderr.endswith(" (give a token with --token or TIDEGATE_TOKEN)\n"), stderr
+    assert ok("traffic", "wine", **url, TIDEGATE_TOKEN="reader-s3cret") == (
+        "wine: stable 1, no canary\n"
+    )
+    stderr = refused("rollout", "wine", "2", **url, TIDEGATE_TOKEN="reader-s3cret")
+    assert "watcher" in stderr  # the token's name, never the secret
+    assert "--token" not in stderr
+
+    deployer = {**url, "TIDEGATE_TOKEN": "operator-s3cret"}
+    ok("rollout", "wine", "2", "--detach", **deployer)
+    assert ok("pause", "wine", **deployer).endswith(" is paused at step 1/4, 5 %: by deployer\n")
+    ok("rollback", "wine", "--url", live.url, "--token", "operator-s3cret")
+    document = json.loads(
+        ok("audit", "--model", "wine", "--json", **url, TIDEGATE_TOKEN="admin-s3cret")
+    )
+    assert [(e["actor"], e["action"]) for e in document["entries"]] == [
+        ("deployer", "load"),
+        ("deployer", "rollout.start"),
+        ("deployer", "rollout.pause"),
+        ("deployer", "rollout.rollback"),
+        ("deployer", "unload"),
+    ]
+    assert "s3cret" not in json.dumps(document)
