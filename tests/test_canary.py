@@ -192,3 +192,12 @@ def test_a_pinned_stable_serves_although_a_higher_version_is_loaded(live: LiveSe
         ]
         == "1"
     )
+
+
+def test_a_canary_that_is_the_implied_stable_is_refused(live: LiveServer):
+    assert _put(live, stable=None).status_code == 200  # stable: the highest, version 3
+    response = _put(live, canary="3", weight=10)
+    assert response.status_code == 400
+    assert "both stable and canary" in response.json()["error"]
+    pinned = _put(live, canary="2", weight=10).json()
+    assert (pinned["stable"], pinned["canary"]) == ("3", "2")

@@ -134,8 +134,48 @@ def test_validity_p_value_matches_scipy_chisquare(stable, canary, weight):
     reference = scipy.stats.chisquare([stable, canary], expected)
     assert check.numbers["chi2"] == pytest.approx(reference.statistic, rel=1e-9)
     assert check.numbers["p_value"] == pytest.approx(reference.pvalue, rel=1e-6, abs=1e-300)
-    assert check.verdict == ("fail" if reference.pvalue < T.validity_p else "pass")
     assert not check.critical
+    # The verdict is sequential: the two-sided mixture likelihood ratio, computed here
+    # from scipy's binomial pmf over the same alternatives.
+    share = weight / 100
+    up = _mixture_lr_scipy(canary, total, share)
+    down = _mixture_lr_scipy(stable, total, 1 - share)
+    ratio = (up + down) / 2
+    assert check.numbers["likelihood_ratio"] == pytest.approx(ratio, rel=1e-6)
+    assert check.verdict == ("fail" if ratio >= 1 / T.validity_p else "pass")
+
+
+def _mixture_lr_scipy(k: int, n: int, theta0: float) -> float:
+    odds = theta0 / (1 - theta0) * ODDS_RATIOS
+    thetas = odds / (1 + odds)
+    return float(np.mean(scipy.stats.binom.pmf(k, n, thetas) / scipy.stats.binom.pmf(k, n, theta0)))
+
+
+def test_validity_fails_a_broken_split():
+    check = validity_check(8_000, 2_000, 10.0, T)  # 20 % instead of 10 %
+    assert check.verdict == "fail"
+    assert check.numbers["likelihood_ratio"] is None or check.numbers["likelihood_ratio"] > 1e3
+
+
+def test_a_sound_split_looked_at_every_epoch_is_rarely_paused():
+    """1,000 sound splits at 5 %, looked at every 500 requests up to 20,000: the
+    sequential verdict pauses at most a few (its bound is validity_p = 0.1 %), where a
+    chi-square p < 0.001 at every look pauses several times as many."""
+    rng = np.random.default_rng(7)
+    looks = np.arange(500, 20_001, 500)
+    draws = rng.random((1000, looks[-1])) < 0.05
+    canary = np.cumsum(draws, axis=1)[:, looks - 1]
+    paused = chi_paused = 0
+    for row in canary:
+        checks = [
+            validity_check(int(n - k), int(k), 5.0, T) for k, n in zip(row, looks, strict=True)
+        ]
+        paused += any(c.verdict == "fail" for c in checks)
+        chi_paused += any(
+            c.numbers["p_value"] is not None and c.numbers["p_value"] < T.validity_p for c in checks
+        )
+    assert paused <= 5
+    assert chi_paused > paused
 
 
 def test_validity_verdicts():

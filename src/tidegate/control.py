@@ -113,7 +113,9 @@ class ControlPlane:
             current = self.registry.resolve(name)
             policy = TrafficPolicy.from_json(document, self.traffic.policy(name))
             if policy.stable is None and policy.canary is not None:
-                policy = TrafficPolicy(current.version, policy.canary, policy.weight, policy.mode)
+                # A canary is judged against a fixed stable: pin the one answering now.
+                pinned = {**policy.to_json(), "stable": current.version_label}
+                policy = TrafficPolicy.from_json(pinned, TrafficPolicy())
             self.traffic.check(name, policy)
             self.traffic.apply(name, policy)
             await self._commit(actor, "traffic", name, "applied", "", policy=policy.to_json())

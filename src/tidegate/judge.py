@@ -139,6 +139,16 @@ def mixture_log_lr(k: Any, n: Any, theta0: Any) -> np.ndarray:
     return np.asarray((total - math.log(len(ODDS_RATIOS)))[..., 0])
 
 
+def _log_mean_exp(a: float, b: float) -> float:
+    top = max(a, b)
+    return top + math.log((math.exp(a - top) + math.exp(b - top)) / 2.0)
+
+
+def _exp(log_value: float) -> float:
+    """exp, saturating at infinity rather than raising (reported as None)."""
+    return math.exp(log_value) if log_value < 700 else math.inf
+
+
 def _odds(theta: Any) -> np.ndarray:
     theta = np.asarray(theta, dtype=np.float64)
     if np.any((theta <= 0.0) | (theta >= 1.0)):
@@ -411,7 +421,12 @@ def _pct(rate: float) -> str:
 def validity_check(
     split_stable: int, split_canary: int, weight: float, thresholds: Thresholds
 ) -> Check:
-    """Chi-square (1 dof) of the random split against the canary's weight."""
+    """Whether the random split gives the canary its weight. Judged every epoch on a
+    growing window, so the verdict is sequential, as the error check's: the mixture
+    likelihood ratio of deviations on both sides (the average of the two one-sided
+    mixtures, itself a test martingale) against 1 / validity_p. A fixed chi-square
+    test looked at every epoch would pause a sound rollout now and then; its p-value
+    is still reported, for the reader."""
     total = split_stable + split_canary
     expected_canary = total * weight / 100.0
     expected_stable = total - expected_canary
@@ -436,12 +451,26 @@ def validity_check(
         split_stable - expected_stable
     ) ** 2 / expected_stable
     p_value = chi2_sf(chi2, 1)
-    numbers |= {"chi2": chi2, "p_value": p_value}
-    share = f"{observed} ({_pct(split_canary / total)}; chi-square {chi2:.1f}, p {p_value:.3g}"
-    if p_value < thresholds.validity_p:
-        reason = f"{share} < {thresholds.validity_p:g}): the split is broken"
+    share0 = weight / 100.0
+    log_lr = _log_mean_exp(
+        float(mixture_log_lr(split_canary, total, share0)),
+        float(mixture_log_lr(split_stable, total, 1.0 - share0)),
+    )
+    threshold = 1.0 / thresholds.validity_p
+    numbers |= {
+        "chi2": chi2,
+        "p_value": p_value,
+        "likelihood_ratio": _num(_exp(log_lr)),
+        "threshold": threshold,
+    }
+    share = (
+        f"{observed} ({_pct(split_canary / total)}; chi-square p {p_value:.3g}, "
+        f"likelihood ratio {_exp(log_lr):.3g}"
+    )
+    if log_lr >= math.log(threshold):
+        reason = f"{share} >= {threshold:g}): the split is broken"
         return _check("validity", "fail", False, numbers, reason)
-    return _check("validity", "pass", False, numbers, f"{share} >= {thresholds.validity_p:g})")
+    return _check("validity", "pass", False, numbers, f"{share} < {threshold:g})")
 
 
 def errors_check(
