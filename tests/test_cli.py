@@ -30,3 +30,38 @@ def test_serve_refuses_a_bad_port():
     result = _run("serve", "--port", "70000")
     assert result.returncode == 2
     assert "70000" in result.stderr
+
+
+def test_token_prints_a_secret_and_an_entry_the_auth_file_accepts(tmp_path: Path):
+    from tidegate.auth import AuthFile, Role
+
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tidegate",
+            "token",
+            "ci.bot",
+            "--role",
+            "operator",
+            "--role",
+            "reader",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    secret = made.stderr.strip().rsplit(" ", 1)[-1]
+    assert secret not in made.stdout  # only the hash goes to the file
+    auth = tmp_path / "auth.toml"
+    auth.write_text(made.stdout)
+    principal = AuthFile(auth).authenticate(f"Bearer {secret}")
+    assert principal.name == "ci.bot"
+    assert principal.roles == frozenset({Role.OPERATOR, Role.READER})
+    refused = subprocess.run(
+        [sys.executable, "-m", "tidegate", "token", "bad name", "--role", "reader"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode == 2
+    assert "NAME" in refused.stderr

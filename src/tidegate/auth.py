@@ -92,6 +92,10 @@ def _role_list(roles: frozenset[Role]) -> str:
     return ", ".join(role.value for role in Role if role in roles) or "none"
 
 
+def valid_token_name(name: str) -> bool:
+    return bool(name) and set(name) <= _NAME_CHARS
+
+
 def new_token() -> str:
     """A fresh random token: 32 bytes from the OS's CSPRNG, URL-safe base64 (43 chars).
 
@@ -151,7 +155,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _parse_token(path: Path, name: str, entry: object) -> tuple[str, Principal]:
     """One [tokens.<name>] table: its hash and the principal it stands for."""
-    if not name or not set(name) <= _NAME_CHARS:
+    if not valid_token_name(name):
         raise ConfigError(f"{path}: tokens.{name!r}: a token name must match [A-Za-z0-9_.-]+")
     if not isinstance(entry, dict):
         raise ConfigError(f"{path}: tokens.{name} must be a table with sha256 and roles")

@@ -1211,6 +1211,30 @@ def _bench_options(command: _Command) -> _Command:
     return command
 
 
+@main.command("token", short_help="Make a bearer token and its auth-file entry.")
+@click.argument("name")
+@click.option(
+    "--role",
+    "roles",
+    multiple=True,
+    required=True,
+    type=click.Choice(["reader", "inference", "operator", "admin"]),
+    help="A role of the token (repeat for several).",
+)
+def make_token(name: str, roles: tuple[str, ...]) -> None:
+    """Make a new bearer token for NAME: the token goes to stderr, shown this once, and
+    the table to add to the auth file to stdout (`tidegate token ci --role operator
+    >> auth.toml`). The file keeps only the token's sha256."""
+    from tidegate.auth import hash_token, new_token, valid_token_name
+
+    if not valid_token_name(name):
+        raise click.BadParameter("use letters, digits, '_', '.' and '-'", param_hint="'NAME'")
+    secret = new_token()
+    click.echo(f"token for {name} (shown once, keep it): {secret}", err=True)
+    listed = ", ".join(f'"{role}"' for role in dict.fromkeys(roles))
+    click.echo(f'\n[tokens."{name}"]\nsha256 = "{hash_token(secret)}"\nroles = [{listed}]')
+
+
 @main.command(short_help="Load-test a V2 server (tidegate, MLServer, Triton).")
 @click.argument("url", required=False)
 @click.option("--model", help="The model to send requests to (required to run a load).")
