@@ -241,11 +241,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _get_status(port: int, path: str) -> int | None:
+def _get_status(port: int, path: str, authorization: str = "") -> int | None:
+    headers = {"Authorization": authorization} if authorization else {}
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
         try:
-            connection.request("GET", path)
+            connection.request("GET", path, headers=headers)
             return connection.getresponse().status
         finally:
             connection.close()
@@ -253,14 +254,14 @@ def _get_status(port: int, path: str) -> int | None:
         return None
 
 
-def wait_ready(server: Server, models: list[str]) -> None:
+def wait_ready(server: Server, models: list[str], authorization: str = "") -> None:
     """Polls until the server and every model answer ready; raises if the process dies."""
     paths = ["/v2/health/ready", *(f"/v2/models/{m}/ready" for m in models)]
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"{server.name} exited:\n{log_tail(server.log)}")
-        if all(_get_status(server.port, path) == 200 for path in paths):
+        if all(_get_status(server.port, path, authorization) == 200 for path in paths):
             return
         time.sleep(0.2)
     raise RuntimeError(f"{server.name} not ready in {READY_TIMEOUT:g} s:\n{log_tail(server.log)}")
@@ -382,11 +383,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def running(server: Server, models: list[str]) -> Iterator[Server]:
+def running(server: Server, models: list[str], authorization: str = "") -> Iterator[Server]:
     """Waits for readiness, yields, and always stops the process."""
     try:
         started = time.monotonic()
-        wait_ready(server, models)
+        wait_ready(server, models, authorization)
         print(
             f"# {server.name} batching {_onoff(server.batching)} ready in "
             f"{time.monotonic() - started:.1f} s",
@@ -483,12 +484,19 @@ class Result:
 
 
 def run_wrk(
-    port: int, model: str, body: Path, header_length: int | None, conc: int, seconds: float
+    port: int,
+    model: str,
+    body: Path,
+    header_length: int | None,
+    conc: int,
+    seconds: float,
+    authorization: str = "",
 ) -> dict[str, int]:
     """One wrk run; the numbers of the V2RESULT line v2_request.lua prints."""
     command = [WRK, "-t1", f"-c{conc}", f"-d{seconds:g}s", "--latency", "--timeout", "30s"]
     command += ["-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}/v2/models/{model}/infer"]
     env = {**os.environ, "V2_BODY_FILE": str(body), "V2_HEADER_LENGTH": ""}
+    env["V2_AUTHORIZATION"] = authorization
     if header_length is not None:
         env["V2_HEADER_LENGTH"] = str(header_length)
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -498,12 +506,19 @@ def run_wrk(
     raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
 
 
-def measure(server: Server, payload: Payload, binary: bool, conc: int, seconds: float) -> Result:
+def measure(
+    server: Server,
+    payload: Payload,
+    binary: bool,
+    conc: int,
+    seconds: float,
+    authorization: str = "",
+) -> Result:
     """A 1 s warm-up, then the measured wrk run."""
     body = payload.binary_file if binary else payload.json_file
     length = payload.header_length if binary else None
-    run_wrk(server.port, payload.model, body, length, conc, WARMUP_SECONDS)
-    raw = run_wrk(server.port, payload.model, body, length, conc, seconds)
+    run_wrk(server.port, payload.model, body, length, conc, WARMUP_SECONDS, authorization)
+    raw = run_wrk(server.port, payload.model, body, length, conc, seconds, authorization)
     return Result(
         model=payload.model,
         server=server.name,

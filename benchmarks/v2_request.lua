@@ -5,6 +5,7 @@
 --   V2_HEADER_LENGTH  if set, the length of the JSON part of a binary-extension body: sent
 --                     as Inference-Header-Content-Length, with Content-Type
 --                     application/octet-stream
+--   V2_AUTHORIZATION  if set, sent as the Authorization header (a bearer token)
 --
 -- At the end it prints one machine-readable line:
 --   V2RESULT requests=<n> duration_us=<n> errors=<n> status_errors=<n> p50_us=<n> p90_us=<n>
@@ -28,6 +29,10 @@ if header_length ~= nil and header_length ~= "" then
   wrk.headers["Inference-Header-Content-Length"] = header_length
 else
   wrk.headers["Content-Type"] = "application/json"
+end
+local authorization = os.getenv("V2_AUTHORIZATION")
+if authorization ~= nil and authorization ~= "" then
+  wrk.headers["Authorization"] = authorization
 end
 
 function done(summary, latency, requests)
