@@ -2,6 +2,7 @@
 the server's own /stats) and a stand-in server that stalls every 100th request
 (the open loop must show the stall, the closed loop must say it hides it)."""
 
+import math
 import subprocess
 import sys
 import time
@@ -56,6 +57,42 @@ def test_closed_loop_counts_agree_with_the_servers_stats(server: LiveServer):
     row = runner.summary(result, times)
     assert row["excludes_waiting"] is True
     assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"] <= row["max_ms"]
+
+
+def _duration_buckets(server: LiveServer) -> dict[float, float]:
+    """diabetes v1's cumulative request-duration buckets (le in seconds -> count)."""
+    text = server.client.get("/metrics").text
+    buckets = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "tidegate_request_duration_seconds_bucket"
+                and labels["model"] == "diabetes"
+                and labels["version"] == "1"
+                and labels["variant"] == "stable"
+            ):
+                buckets[float(labels["le"])] = sample.value
+    return buckets
+
+
+def test_client_percentiles_cover_the_servers_latency_histogram(server: LiveServer):
+    """Each request's time at the client includes its time in the server, so at any
+    latency x the server's share of requests within x is at least the client's: the
+    server's histogram, at the bucket bound above the client's p50 (p99), holds at
+    least half (99 %) of the requests."""
+    target = Target.parse(server.url)
+    prepared = runner.prepare(target, "diabetes", "1", "random", 1, binary=False)
+    before = _duration_buckets(server)
+    result = runner.run(target, "diabetes", "1", prepared, Plan(concurrency=2, max_requests=400))
+    after = _duration_buckets(server)
+    assert result.tally.ok == 400
+    counts = {bound: after[bound] - before.get(bound, 0) for bound in after}
+    assert counts[math.inf] == 400
+    for q in (50, 99):
+        client_s = result.tally.latency.percentile(q) / 1e9
+        bound = min(b for b in counts if b >= client_s)
+        assert counts[bound] >= 400 * q / 100, (q, client_s, counts)
 
 
 def test_open_loop_sends_at_the_rate(server: LiveServer):
