@@ -263,7 +263,14 @@ def test_operator_actions_and_their_conflicts(live: LiveServer, state_dir: Path)
     assert live.client.post("/v2/models/wine/rollout/launch").status_code == 404
     paused = live.client.post("/v2/models/wine/rollout/pause").json()
     assert paused["status"] == "paused"
-    assert live.client.post("/v2/models/wine/rollout/resume").json()["status"] == "running"
+    for body in _wine_bodies()[:5]:
+        assert live.client.post("/v2/models/wine/infer", json=body).status_code == 200
+    window = live.client.get("/v2/models/wine/rollout").json()["window"]
+    assert window["stable"]["requests"] + window["canary"]["requests"] == 5
+    resumed = live.client.post("/v2/models/wine/rollout/resume").json()
+    assert resumed["status"] == "running"
+    # What was served while paused is not judged.
+    assert resumed["window"]["stable"]["requests"] + resumed["window"]["canary"]["requests"] == 0
     rolled_back = live.client.post("/v2/models/wine/rollout/rollback").json()
     assert rolled_back["status"] == "rolled_back"
     assert live.client.post("/v2/models/wine/rollout/promote").status_code == 409

@@ -176,10 +176,11 @@ class Traffic:
             current.policy = policy
             current.new_step()
 
-    def forget(self, name: str) -> None:
-        self._policies.pop(name, None)
-        self._live.pop(name, None)
-        self.registry.pin_stable(name, None)
+    def new_window(self, name: str) -> None:
+        """Starts the model's step windows afresh."""
+        live = self._live.get(name)
+        if live is not None:
+            live.new_step()
 
     # -- the inference path ---------------------------------------------------------
 

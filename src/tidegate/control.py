@@ -173,7 +173,8 @@ class ControlPlane:
                 raise Conflict(f"the rollout of model '{name}' is running, not paused")
             else:
                 rollout.status = RUNNING
-                self._route(rollout)  # the step's windows start afresh
+                self._route(rollout)
+                self.traffic.new_window(name)  # what was seen while paused is not judged
                 rollout.note("resume", actor, reason)
                 await self._commit(
                     actor, "rollout.resume", name, RUNNING, reason, **_versions(rollout)
