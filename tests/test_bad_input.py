@@ -227,6 +227,52 @@ CASES = [
     ("unknown-model", "no_such_model", _body(_input()), {}, 404, "model 'no_such_model'"),
     ("unknown-version", "breast_cancer/versions/9", _body(_input()), {}, 404, "version '9'"),
     ("non-numeric-version", "breast_cancer/versions/abc", _body(_input()), {}, 404, "'abc'"),
+    # Found by tests/test_fuzz.py: each was a 500 before.
+    ("superscript-version", "breast_cancer/versions/%C2%B2", _body(_input()), {}, 404, "'²'"),
+    ("huge-version", "breast_cancer/versions/" + "1" * 4301, _body(_input()), {}, 404, "version"),
+    (
+        "unhashable-datatype",
+        "breast_cancer",
+        _body(_input(datatype=[])),
+        {},
+        400,
+        "datatype [] (not a datatype tidegate supports)",
+    ),
+    (
+        "unhashable-output-name",
+        "breast_cancer",
+        _body(_input(), outputs=[{"name": {}}]),
+        {},
+        400,
+        "unknown output {}",
+    ),
+    (
+        "huge-header-length",
+        "breast_cancer",
+        b"{}",
+        {"Inference-Header-Content-Length": "1" * 4301},
+        400,
+        "is not a byte count",
+    ),
+    (
+        "bytes-count-beyond-data",
+        "dataset_topic",
+        *_binary(
+            {
+                "inputs": [
+                    {
+                        "name": "text",
+                        "datatype": "BYTES",
+                        "shape": [2**31, 1],
+                        "parameters": {"binary_data_size": 0},
+                    }
+                ]
+            },
+            b"",
+        ),
+        400,
+        "cannot hold 2147483648 elements",
+    ),
 ]
 
 
@@ -290,6 +336,8 @@ def test_nested_json_data_is_accepted(server: LiveServer):
         ("GET", "/v2/models/no_such_model/ready", 404, "no_such_model"),
         ("GET", "/v2/models/breast_cancer/versions/7/config", 404, "version '7'"),
         ("GET", "/v2/models/no_such_model/stats", 404, "no_such_model"),
+        ("GET", "/v2/audit?limit=%C2%B2", 400, "'limit'"),
+        ("POST", "/v2/repository/models/" + "a" * 256 + "/load", 404, "is not in the repository"),
     ],
 )
 def test_unknown_paths_get_json_errors(server: LiveServer, method, path, status, words):
@@ -314,6 +362,7 @@ def test_unknown_paths_get_json_errors(server: LiveServer, method, path, status,
             b'{"parameters": {"version": [1]}}',
             "parameter 'version'",
         ),
+        ("/v2/models/digits/rollout", '{"version": "²"}'.encode(), "'version' must be"),
     ],
 )
 def test_bad_control_requests(server: LiveServer, path, body, words):

@@ -125,3 +125,19 @@ def test_text_model_and_first_rows_as_reference(models_dir: Path, start_server):
     assert [row["name"] for row in report["inputs"]] == ["len(text)"]
     labels = next(row for row in report["classes"] if row["name"] == "label")
     assert "iris" in labels["reference_shares"]
+
+
+def test_a_request_of_no_rows_is_answered_and_not_observed(models_dir: Path, start_server):
+    server: LiveServer = start_server(models_dir)
+    empty = json_request("input", "FP32", np.zeros((0, 30), dtype=np.float32))
+    response = server.client.post("/v2/models/breast_cancer/versions/1/infer", json=empty)
+    assert response.status_code == 200
+    assert all(output["shape"][0] == 0 for output in response.json()["outputs"])
+    time.sleep(1.2)  # two drains of the observer: the empty batch is drained on its own
+    rows = reference_rows(ShippedVersion("breast_cancer", 1), 5)
+    served = json_request("input", "FP32", rows["input"])
+    assert server.client.post("/v2/models/breast_cancer/versions/1/infer", json=served).is_success
+    time.sleep(1.2)  # two drains of the observer
+    server.stop()
+    assert "drift observation failed" not in server.log()
+    assert "Traceback" not in server.log()

@@ -133,6 +133,11 @@ def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
 
 
 def _bytes_elements(spec: TensorSpec, buffer: memoryview, count: int) -> np.ndarray:
+    if count > len(buffer) // _LENGTH.size:  # each element has a 4-byte length, at least
+        raise BadRequest(
+            f"input '{spec.name}': {len(buffer)} bytes of binary BYTES data cannot hold "
+            f"{count} elements"
+        )
     array = np.empty(count, dtype=object)
     offset = 0
     for index in range(count):
@@ -204,7 +209,7 @@ def _requested_outputs(
     for item in raw:
         entry = _object(item, "each requested output")
         name = entry.get("name")
-        if name not in names:
+        if not isinstance(name, str) or name not in names:
             raise BadRequest(f"unknown output {name!r}; the model has: {', '.join(sorted(names))}")
         parameters = _object(entry.get("parameters", {}), f"output '{name}' parameters")
         if "classification" in parameters:
@@ -262,7 +267,8 @@ def decode_request(
             raise BadRequest(f"input '{name}' is given twice")
         datatype = entry.get("datatype")
         if datatype != spec.datatype.name:
-            known = "" if datatype in DATATYPES else " (not a datatype tidegate supports)"
+            supported = isinstance(datatype, str) and datatype in DATATYPES
+            known = "" if supported else " (not a datatype tidegate supports)"
             raise BadRequest(
                 f"input '{name}': datatype {datatype!r}{known} but the model takes "
                 f"{spec.datatype.name}"

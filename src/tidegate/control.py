@@ -33,6 +33,7 @@ from tidegate.canary import Traffic
 from tidegate.config import parse_rollout
 from tidegate.errors import BadRequest, Conflict, NotFound, TidegateError
 from tidegate.judge import Judgement, judge
+from tidegate.protocol import ascii_number
 from tidegate.registry import Registry
 from tidegate.rollout import PAUSED, PROMOTED, ROLLED_BACK, RUNNING, Rollout
 from tidegate.state import StateFile
@@ -135,17 +136,20 @@ class ControlPlane:
             stable = self.registry.resolve(name)
             config = parse_rollout("rollout request", options, stable.config.rollout)
             canary = str(version)
-            if not canary.isdigit() or int(canary) == stable.version:
+            number = ascii_number(canary)
+            if number is None or number < 1:
+                raise BadRequest(f"'version' must be a version number, not {version!r}")
+            if number == stable.version:
                 raise BadRequest(
                     f"version {canary!r} is not a candidate: version {stable.version} is stable"
                 )
-            loaded = self.registry.get(name, int(canary)) is None
+            loaded = self.registry.get(name, number) is None
             if loaded:
                 await self.registry.load(name, canary)
                 await self.record(
                     actor, "load", name, "done", "the rollout's canary", version=canary
                 )
-            rollout = Rollout(name, stable.version, int(canary), config, loaded)
+            rollout = Rollout(name, stable.version, number, config, loaded)
             rollout.note("start", actor, f"canary {canary} at {rollout.weight} % ({config.mode})")
             self.rollouts[name] = rollout
             self._route(rollout)

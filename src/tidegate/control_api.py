@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from tidegate.control import ControlPlane
 from tidegate.errors import BadRequest, NotFound
+from tidegate.protocol import ascii_number
 from tidegate.v2 import ACTOR_KEY, json_response, read_json_object
 
 ACTIONS = ("promote", "rollback", "pause", "resume")
@@ -63,8 +64,8 @@ class ControlApi:
         """The audit log's last entries (`?limit=N`, default and most 1000), oldest
         first, of one model with `?model=NAME`."""
         query = request.query_params
-        limit_text = query.get("limit", str(AUDIT_LIMIT))
-        if not limit_text.isdigit() or int(limit_text) > AUDIT_LIMIT:
+        limit = ascii_number(query.get("limit", str(AUDIT_LIMIT)))
+        if limit is None or limit > AUDIT_LIMIT:
             raise BadRequest(f"'limit' must be a whole number up to {AUDIT_LIMIT}")
-        read = await asyncio.to_thread(self.control.audit.read, query.get("model"), int(limit_text))
+        read = await asyncio.to_thread(self.control.audit.read, query.get("model"), limit)
         return json_response({"entries": read.entries, "unreadable_lines": read.unreadable})

@@ -22,6 +22,7 @@ from tidegate import codec
 from tidegate.canary import ModelTraffic, Traffic
 from tidegate.errors import BadRequest, MethodNotAllowed, Overloaded, TidegateError, TooLarge
 from tidegate.observer import DriftObserver
+from tidegate.protocol import ascii_number
 from tidegate.registry import Deployment, Registry
 from tidegate.requestlog import RequestLog, timestamp
 from tidegate.stats import Timings
@@ -65,7 +66,8 @@ async def receive_body(
     receive: Receive, content_length: str | None, content_encoding: str | None, limit: int
 ) -> bytes:
     """The request body, decompressed, refused with 413 as soon as it exceeds `limit`."""
-    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+    declared = None if content_length is None else ascii_number(content_length, 30)
+    if declared is not None and declared > limit:
         raise TooLarge(f"request body of {content_length} bytes is over the limit of {limit} bytes")
     chunks = []
     size = 0
@@ -293,12 +295,12 @@ class InferRouter:
             elif name == b"content-encoding":
                 content_encoding = value.decode("latin-1")
             elif name == b"inference-header-content-length":
-                if not value.strip().isdigit():
+                header_length = ascii_number(value.decode("latin-1").strip())
+                if header_length is None:
                     raise BadRequest(
-                        f"Inference-Header-Content-Length {value.decode('latin-1')!r} "
+                        f"Inference-Header-Content-Length {value.decode('latin-1')[:40]!r} "
                         "is not a byte count"
                     )
-                header_length = int(value)
             elif name == b"tidegate-routing-key":
                 key = value
         body = await receive_body(receive, content_length, content_encoding, self.max_body)

@@ -81,6 +81,8 @@ class DriftObserver:
     ) -> None:
         """Offers a served batch; drops it (counted) rather than wait."""
         arrays = [inputs[name] for name in monitor.input_names]
+        if arrays[0].ndim and not len(arrays[0]):
+            return  # a batch of no rows: nothing to observe
         arrays += [outputs[name] for name in monitor.output_names]
         pending = monitor.pending
         if not pending.append(arrays, self._capacity, self._max_bytes):

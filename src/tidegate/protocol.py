@@ -57,6 +57,16 @@ DATATYPES: dict[str, Datatype] = {
 _BY_ONNX = {dt.onnx: dt for dt in DATATYPES.values()}
 
 
+def ascii_number(text: str, digits: int = 18) -> int | None:
+    """`text` as a whole number if it is 1 to `digits` ASCII digits, else None. Stricter
+    than `str.isdigit` (which takes "²" and other digits `int` refuses or reads oddly)
+    and bounded (`int` refuses more than 4300 digits): a version, a count or a length
+    from a client is parsed by this, never by `int` alone."""
+    if not 0 < len(text) <= digits or not text.isascii() or not text.isdigit():
+        return None
+    return int(text)
+
+
 def datatype_from_onnx(onnx_type: str) -> Datatype | None:
     """The V2 datatype for an onnxruntime type string, or None if V2 cannot carry it."""
     return _BY_ONNX.get(onnx_type)

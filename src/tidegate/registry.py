@@ -30,6 +30,7 @@ from tidegate.config import DriftConfig, ModelConfig
 from tidegate.drift import DriftMonitor, FeatureMap, prepare_kernels
 from tidegate.errors import BadRequest, ModelLoadError, NotFound, TidegateError
 from tidegate.executor import InferenceExecutor
+from tidegate.protocol import ascii_number
 from tidegate.repository import (
     Fingerprint,
     ModelSource,
@@ -204,9 +205,10 @@ def _unchanged(deployment: Deployment | None, source: ModelSource, version: Vers
 
 
 def _parse_version(name: str, version: str) -> int:
-    if not version.isdigit() or int(version) < 1:
+    number = ascii_number(version)
+    if number is None or number < 1:
         raise NotFound(f"model '{name}' has no version '{version}'")
-    return int(version)
+    return number
 
 
 class Registry:

@@ -19,8 +19,10 @@ import numpy as np
 
 from tidegate.config import ModelConfig, load_model_config
 from tidegate.errors import ModelLoadError, NotFound, TidegateError
+from tidegate.protocol import ascii_number
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_NAME_LENGTH = 255  # a directory name's limit on common file systems
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.npz"
 CONFIG_FILE = "config.toml"
@@ -72,9 +74,8 @@ class ScanResult:
 
 
 def _version_number(name: str) -> int | None:
-    if name.isdigit() and not name.startswith("0"):
-        return int(name)
-    return None
+    number = ascii_number(name)
+    return number if number is not None and not name.startswith("0") else None
 
 
 def scan_model(root: Path, name: str) -> ModelSource:
@@ -85,7 +86,12 @@ def scan_model(root: Path, name: str) -> ModelSource:
         ConfigError: config.toml is malformed or has an unknown key.
     """
     directory = root / name
-    if not MODEL_NAME.fullmatch(name) or name.startswith(".") or not directory.is_dir():
+    if (
+        len(name) > MAX_NAME_LENGTH
+        or not MODEL_NAME.fullmatch(name)
+        or name.startswith(".")
+        or not directory.is_dir()
+    ):
         raise NotFound(f"model '{name}' is not in the repository {root}")
     config = load_model_config(directory / CONFIG_FILE)
     versions = {}

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tidegate.errors import BadRequest
+from tidegate.protocol import ascii_number
 
 MODES = ("split", "shadow")
 _SCALE = 100.0 / 2.0**64
@@ -80,6 +81,7 @@ def _version(document: dict[str, Any], field: str, default: int | None) -> int |
     if value is None:
         return None
     text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
-    if not text.isdigit() or int(text) < 1:
+    number = ascii_number(text)
+    if number is None or number < 1:
         raise BadRequest(f"'{field}' must be a version number, not {value!r}")
-    return int(text)
+    return number
