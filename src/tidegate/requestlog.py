@@ -9,11 +9,12 @@ serialisation, no I/O and no lock on the caller's thread. When the deque is
 full the entry is dropped and counted (`dropped_full`) rather than letting
 memory grow or the caller wait.
 
-One daemon thread owns the file. It drains whatever is queued, serialises each
-entry to one line (orjson), and writes the batch with plain `write()` calls on
-an unbuffered descriptor, starting a new file whenever the next line would take
-the current one past `max_bytes` (requests.jsonl -> .1 -> .2 ..., the oldest
-beyond `backups` deleted), so no line is ever split across files.
+One daemon thread owns the file. Every `FLUSH_INTERVAL` it drains whatever is
+queued, serialises each entry to one line (orjson), and writes the batch with
+plain `write()` calls on an unbuffered descriptor, starting a new file whenever
+the next line would take the current one past `max_bytes` (requests.jsonl -> .1
+-> .2 ..., the oldest beyond `backups` deleted), so no line is ever split across
+files.
 
 Any OSError (disk full, directory removed, a path that cannot be created) drops
 the entries in hand, counted in `dropped_error`; it is logged at most once a
@@ -47,6 +48,11 @@ log = logging.getLogger("tidegate.requestlog")
 
 FILENAME = "requests.jsonl"
 PAYLOAD_KEYS = ("request", "response")
+# Seconds between the writer's batches. Waking the writer for every entry cost a
+# request at concurrency 1 a third of its throughput (the thread took the GIL each
+# time: benchmarks/bench_governance.py); five batches a second cost next to nothing.
+# The writer is also woken when a quarter of the queue is full, and by `close`.
+FLUSH_INTERVAL = 0.2
 # A full disk fails every batch; one line a minute says so without drowning the log.
 ERROR_LOG_INTERVAL = 60.0
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
@@ -236,6 +242,7 @@ class RequestLog:
         self._sample = config.sample
         self._always = config.sample >= 1.0
         self._limit = config.queue
+        self._wake_at = max(1, config.queue // 4)  # before then, the writer wakes on its own
         self._queue: collections.deque[dict[str, Any]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -273,7 +280,7 @@ class RequestLog:
                 self._dropped_full += 1
             return
         self._queue.append(entry)
-        if not self._wake.is_set():
+        if len(self._queue) >= self._wake_at and not self._wake.is_set():
             self._wake.set()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -288,7 +295,7 @@ class RequestLog:
         # first sampled request.
         self._file.try_open()
         while True:
-            self._wake.wait()
+            self._wake.wait(FLUSH_INTERVAL)
             self._wake.clear()
             self._write_queued()
             if self._stopping and not self._queue:
