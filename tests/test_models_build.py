@@ -40,7 +40,13 @@ def _load_script() -> ModuleType:
 
 
 def _files(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    """The repository's files; hidden ones (the server's `.tidegate` state directory,
+    left by `make serve`) are not part of it, as the server's scan skips them too."""
+    return {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    }
 
 
 def _session(path: Path) -> ort.InferenceSession:
