@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
+# The shipped models without a `.tidegate` state directory that `make serve` may have
+# left: a test server must not restore someone's traffic policies or rollouts.
+SHIPPED_ONLY = shutil.ignore_patterns(".*")
 
 
 def free_port() -> int:
@@ -93,7 +96,7 @@ class LiveServer:
 @contextlib.contextmanager
 def serving_a_copy(root: Path) -> Iterator[LiveServer]:
     """A server on a private copy of the shipped models, made under `root`."""
-    shutil.copytree(MODELS, root / "models")
+    shutil.copytree(MODELS, root / "models", ignore=SHIPPED_ONLY)
     live = LiveServer(root / "models", log_path=root / "server.log")
     try:
         yield live
@@ -105,7 +108,7 @@ def serving_a_copy(root: Path) -> Iterator[LiveServer]:
 def models_dir(tmp_path: Path) -> Path:
     """A private copy of the shipped repository that a test may change."""
     target = tmp_path / "models"
-    shutil.copytree(MODELS, target)
+    shutil.copytree(MODELS, target, ignore=SHIPPED_ONLY)
     return target
 
 

@@ -45,7 +45,7 @@ def _served(model_dir: Path) -> list[int]:
 SHIPPED = [
     ShippedVersion(model_dir.name, version)
     for model_dir in sorted(MODELS.iterdir())
-    if model_dir.is_dir()
+    if model_dir.is_dir() and not model_dir.name.startswith(".")  # not make serve's state
     for version in _served(model_dir)
 ]
 

@@ -37,7 +37,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, event, given, note, settings, strategies as st
 
-from tests.conftest import MODELS, LiveServer
+from tests.conftest import MODELS, SHIPPED_ONLY, LiveServer
 from tests.fuzz_strategies import (
     IHCL,
     METHODS,
@@ -284,7 +284,7 @@ def _repository(root: Path) -> Path:
     """A copy of the shipped models plus `strict` (digits refusing NaN/inf) and
     `victim` (breast_cancer's two versions), under `root`."""
     repository = root / "models"
-    shutil.copytree(MODELS, repository)
+    shutil.copytree(MODELS, repository, ignore=SHIPPED_ONLY)
     shutil.copytree(MODELS / "digits", repository / "strict")
     (repository / "strict" / "config.toml").write_text("[validation]\nreject_nan = true\n")
     shutil.copytree(MODELS / "breast_cancer", repository / "victim")
