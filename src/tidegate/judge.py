@@ -508,11 +508,11 @@ def errors_check(
         "stable_error_rate": stable_rate,
         "exposure": exposure,
         "theta0": theta0,
-        "likelihood_ratio": math.exp(log_lr) if log_lr < 700.0 else None,
+        "likelihood_ratio": _num(_exp(log_lr)),
         "log_likelihood_ratio": log_lr,
     }
     rates = f"canary error rate {_pct(canary_rate)} vs stable {_pct(stable_rate)}"
-    ratio = f"likelihood ratio {math.exp(min(log_lr, 700.0)):.3g}"
+    ratio = f"likelihood ratio {_exp(log_lr):.3g}"
     if log_lr >= -math.log(alpha_step):
         reason = f"{rates} ({ratio} >= {1 / alpha_step:.3g})"
         return _check("errors", "fail", True, numbers, reason)
@@ -624,13 +624,13 @@ def disagreement_check(
     log_lr = float(mixture_log_lr(shadow.disagreeing, shadow.rows, thresholds.disagreement))
     numbers |= {
         "rate": rate,
-        "likelihood_ratio": math.exp(log_lr) if log_lr < 700.0 else None,
+        "likelihood_ratio": _num(_exp(log_lr)),
         "log_likelihood_ratio": log_lr,
     }
     said = (
         f"canary disagrees with stable on {_pct(rate)} of {shadow.rows} rows "
         f"(budget {_pct(thresholds.disagreement)}; "
-        f"likelihood ratio {math.exp(min(log_lr, 700.0)):.3g}"
+        f"likelihood ratio {_exp(log_lr):.3g}"
     )
     if log_lr >= -math.log(alpha_step):
         return _check("disagreement", "fail", True, numbers, f"{said} >= {1 / alpha_step:.3g})")
