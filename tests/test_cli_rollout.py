@@ -185,8 +185,11 @@ def test_a_bad_candidate_is_rolled_back_with_exit_status_4(
     start_server: StartServer, models_dir: Path
 ):
     live = start_server(models_dir)
+    # A generous latency budget: p99 over a few dozen requests is noise on a busy machine,
+    # and this test is about the predictions check.
+    fast = [*FAST, "--latency-p99-ratio", "20"]
     with sending(live) as statuses:
-        result = tidegate("rollout", "wine", "3", *FAST, TIDEGATE_URL=live.url)
+        result = tidegate("rollout", "wine", "3", *fast, TIDEGATE_URL=live.url)
     assert result.returncode == 4, result.stdout + result.stderr
     assert result.stderr == ""
     out = result.stdout

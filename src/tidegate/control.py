@@ -176,13 +176,9 @@ class ControlPlane:
             elif rollout.status == RUNNING:
                 raise Conflict(f"the rollout of model '{name}' is running, not paused")
             else:
-                rollout.status = RUNNING
                 self._route(rollout)
                 self.traffic.new_window(name)  # what was seen while paused is not judged
-                rollout.note("resume", actor, reason)
-                await self._commit(
-                    actor, "rollout.resume", name, RUNNING, reason, **_versions(rollout)
-                )
+                await self._transition(rollout, RUNNING, "resume", actor, reason)
             return self.rollout_status(name)
 
     # -- the judge ------------------------------------------------------------------
@@ -243,40 +239,37 @@ class ControlPlane:
 
     # -- transitions (called with the lock held) -------------------------------------
 
+    async def _transition(
+        self,
+        rollout: Rollout,
+        status: str,
+        action: str,
+        actor: str,
+        reason: str,
+        checks: list[Any] | None = None,
+    ) -> None:
+        """Records a transition of `rollout`: its status and history, the state file
+        and the audit log (with the judge's checks when it was the judge's)."""
+        rollout.status = status
+        rollout.note(action, actor, reason)
+        details = _versions(rollout) if checks is None else {**_versions(rollout), "checks": checks}
+        await self._commit(actor, f"rollout.{action}", rollout.model, status, reason, **details)
+
     async def _advance(self, rollout: Rollout, reason: str, checks: list[Any]) -> None:
         if rollout.step + 2 >= len(rollout.config.steps):
             await self._promote(rollout, JUDGE, reason, checks)
             return
         rollout.step += 1
         rollout.step_started = time.time()
-        rollout.note("advance", JUDGE, reason)
         self._route(rollout)
-        await self._commit(
-            JUDGE,
-            "rollout.advance",
-            rollout.model,
-            RUNNING,
-            reason,
-            **_versions(rollout),
-            checks=checks,
-        )
+        await self._transition(rollout, RUNNING, "advance", JUDGE, reason, checks)
 
     async def _promote(
         self, rollout: Rollout, actor: str, reason: str, checks: list[Any] | None = None
     ) -> None:
-        rollout.status = PROMOTED
         rollout.step = len(rollout.config.steps) - 1
-        rollout.note("promote", actor, reason)
         self.traffic.apply(rollout.model, TrafficPolicy(rollout.canary))
-        await self._commit(
-            actor,
-            "rollout.promote",
-            rollout.model,
-            PROMOTED,
-            reason,
-            **_versions(rollout),
-            checks=checks,
-        )
+        await self._transition(rollout, PROMOTED, "promote", actor, reason, checks)
         # Requests that hold the old stable's Deployment finish on it: the unload only
         # stops new ones from finding it.
         await self._unload(rollout.model, rollout.stable, actor)
@@ -284,18 +277,8 @@ class ControlPlane:
     async def _roll_back(
         self, rollout: Rollout, actor: str, reason: str, checks: list[Any] | None = None
     ) -> None:
-        rollout.status = ROLLED_BACK
-        rollout.note("rollback", actor, reason)
         self.traffic.apply(rollout.model, TrafficPolicy(rollout.stable))
-        await self._commit(
-            actor,
-            "rollout.rollback",
-            rollout.model,
-            ROLLED_BACK,
-            reason,
-            **_versions(rollout),
-            checks=checks,
-        )
+        await self._transition(rollout, ROLLED_BACK, "rollback", actor, reason, checks)
         if rollout.loaded_canary:
             await self._unload(rollout.model, rollout.canary, actor)
 
@@ -304,17 +287,7 @@ class ControlPlane:
     ) -> None:
         if rollout.status == PAUSED:
             raise Conflict(f"the rollout of model '{rollout.model}' is already paused")
-        rollout.status = PAUSED
-        rollout.note("pause", actor, reason)
-        await self._commit(
-            actor,
-            "rollout.pause",
-            rollout.model,
-            PAUSED,
-            reason,
-            **_versions(rollout),
-            checks=checks,
-        )
+        await self._transition(rollout, PAUSED, "pause", actor, reason, checks)
 
     def _route(self, rollout: Rollout) -> None:
         """Applies the rollout's current step to the live routing."""
