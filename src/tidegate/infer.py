@@ -104,6 +104,29 @@ async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], b
     await send({"type": "http.response.body", "body": body})
 
 
+def _log_entry(
+    target: tuple[str, str | None],
+    started: int,
+    served: "_Served | None",
+    status: int,
+    error: str | None,
+) -> dict[str, object]:
+    """The request log's entry for one answered request (see `requestlog`)."""
+    entry: dict[str, object] = {
+        "time": timestamp(),
+        "request_id": None if served is None else served.request_id,
+        "model": target[0],
+        "version": target[1] if served is None else served.deployment.version_label,
+        "variant": None if served is None else served.variant,
+        "latency_ms": (time.perf_counter_ns() - started) / 1e6,
+        "status": status,
+        "outcome": "success" if error is None and status == 200 else "error",
+    }
+    if error is not None:
+        entry["error"] = error
+    return entry
+
+
 def _capturing(receive: Receive, chunks: list[bytes]) -> Receive:
     """`receive`, keeping a copy of the body's chunks (for the request log's payload)."""
 
@@ -200,18 +223,7 @@ class InferRouter:
         if served is not None and served.mirror is not None:
             self.traffic.mirror(*served.mirror)
         if sampled and self.request_log is not None:
-            entry: dict[str, object] = {
-                "time": timestamp(),
-                "request_id": None if served is None else served.request_id,
-                "model": target[0],
-                "version": target[1] if served is None else served.deployment.version_label,
-                "variant": None if served is None else served.variant,
-                "latency_ms": (time.perf_counter_ns() - started) / 1e6,
-                "status": int(status),
-                "outcome": "success" if error is None and status == 200 else "error",
-            }
-            if error is not None:
-                entry["error"] = error
+            entry = _log_entry(target, started, served, int(status), error)
             if received:
                 entry["request"] = b"".join(received)
                 entry["response"] = body
