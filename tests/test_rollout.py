@@ -327,3 +327,22 @@ def test_a_shadow_rollout_of_the_bad_version_rolls_back_on_disagreement(
     assert set(wine_traffic.statuses) == {200}
     rollback = next(e for e in _audit(state_dir) if e["action"] == "rollout.rollback")
     assert _check(rollback, "disagreement")["numbers"] == numbers
+
+
+def test_a_rollout_whose_canary_is_unloaded_pauses_and_says_why(live: LiveServer):
+    _start(live, "wine", "2", **FAST)
+    unloaded = live.client.post(
+        "/v2/repository/models/wine/unload", json={"parameters": {"version": "2"}}
+    )
+    assert unloaded.status_code == 200
+    status = _wait_until(live, "wine", lambda status: status["status"] != "running", timeout=10)
+    assert status["status"] == "paused"
+    assert status["reason"] == "canary version 2 is no longer loaded: load it, then resume"
+    # Every request goes to stable meanwhile; loading the canary again lets it resume.
+    response = live.client.post("/v2/models/wine/infer", json=_wine_bodies()[0])
+    assert response.headers["tidegate-model-version"] == "1"
+    loaded = live.client.post(
+        "/v2/repository/models/wine/load", json={"parameters": {"version": "2"}}
+    )
+    assert loaded.status_code == 200
+    assert live.client.post("/v2/models/wine/rollout/resume").json()["status"] == "running"

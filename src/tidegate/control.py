@@ -200,13 +200,21 @@ class ControlPlane:
                 except Exception:  # one model's failure must not stop the others' judging
                     log.exception("judging the rollout of %s failed", name)
 
-    async def look(self, rollout: Rollout) -> Judgement:
-        """One look of the judge at `rollout`, and the action it calls for."""
+    async def look(self, rollout: Rollout) -> Judgement | None:
+        """One look of the judge at `rollout`, and the action it calls for. A rollout
+        whose stable or canary was unloaded (by an operator, or a repository reload)
+        cannot be judged: it pauses, saying which, rather than hold forever."""
+        gone = [
+            f"{role} version {version}"
+            for role, version in (("stable", rollout.stable), ("canary", rollout.canary))
+            if self.registry.get(rollout.model, version) is None
+        ]
+        if gone:
+            reason = f"{' and '.join(gone)} is no longer loaded: load it, then resume"
+            await self._pause(rollout, JUDGE, reason)
+            return None
         live = self.traffic.live(rollout.model)
-        if live is None:  # the policy was lost (the model was unloaded): nothing to judge
-            self._route(rollout)
-            live = self.traffic.live(rollout.model)
-            assert live is not None
+        assert live is not None  # a running rollout's canary is always routed
         windows = live.windows
         config = rollout.config
         dwell = rollout.seconds_in_step()
