@@ -1,6 +1,7 @@
 """Canary traffic against a live server: the split's accuracy, sticky routing keys,
 shadow mirroring compared with onnxruntime run offline, and the traffic API's errors."""
 
+import shutil
 import time
 from pathlib import Path
 
@@ -201,3 +202,36 @@ def test_a_canary_that_is_the_implied_stable_is_refused(live: LiveServer):
     assert "both stable and canary" in response.json()["error"]
     pinned = _put(live, canary="2", weight=10).json()
     assert (pinned["stable"], pinned["canary"]) == ("3", "2")
+
+
+def test_a_regressors_predictions_are_counted_in_bins_of_stables_reference_outputs(
+    models_dir: Path, tmp_path: Path, start_server
+):
+    shutil.copytree(models_dir / "diabetes" / "1", models_dir / "diabetes" / "2")
+    (models_dir / "diabetes" / "config.toml").write_text('[versions]\npolicy = "all"\n')
+    server: LiveServer = start_server(models_dir, "--state-dir", str(tmp_path / "state"))
+    policy = {"stable": "1", "canary": "2", "weight": 50}
+    assert server.client.put("/v2/models/diabetes/traffic", json=policy).status_code == 200
+    diabetes = ShippedVersion("diabetes", 1)
+    reference = reference_rows(diabetes, 10_000)["input"]  # all of reference.npz
+    sent = reference[:120]
+    for start in range(0, len(sent), 4):
+        body = json_request(
+            "input", "FP64" if sent.dtype == np.float64 else "FP32", sent[start : start + 4]
+        )
+        assert server.client.post("/v2/models/diabetes/infer", json=body).status_code == 200
+    # Offline: 16 equal-mass bins of the model's outputs on its reference data.
+    (name,) = expected_outputs(diabetes, {"input": reference}).keys()
+    edges = np.quantile(
+        expected_outputs(diabetes, {"input": reference})[name][:, 0], np.linspace(0, 1, 17)[1:-1]
+    )
+    offline = np.searchsorted(
+        edges, expected_outputs(diabetes, {"input": sent})[name][:, 0], side="right"
+    )
+    window = server.client.get("/v2/models/diabetes/traffic").json()["window"]
+    served: dict[str, int] = {}
+    for side in ("stable", "canary"):
+        for label, count in window[side]["predictions"].items():
+            served[label] = served.get(label, 0) + count
+    values, counts = np.unique(offline, return_counts=True)
+    assert served == {f"bin {v}": int(c) for v, c in zip(values, counts, strict=True)}

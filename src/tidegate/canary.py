@@ -71,6 +71,22 @@ def count_labels(window: VariantWindow, labels: np.ndarray) -> None:
         table[label] = table.get(label, 0) + count
 
 
+def score_bins(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Each row's bin of its (first) score among `edges`, named "bin <k>": a regressor's
+    predictions counted as classes, so the same class-share test judges them."""
+    first = scores.reshape(len(scores), -1)[:, 0]
+    indices = np.searchsorted(edges, first, side="right")
+    return np.array([f"bin {index}" for index in indices.tolist()], dtype=object)
+
+
+def _score_edges(stable: Deployment) -> np.ndarray | None:
+    """The inner edges of stable's first output feature, from its drift reference."""
+    drift = stable.drift
+    if drift is None or drift.output_profile is None:
+        return None
+    return np.asarray(drift.output_profile.edges[0])
+
+
 @dataclass(slots=True)
 class StepWindows:
     """What the judge compares within one rollout step (reset when the step changes)."""
@@ -80,6 +96,9 @@ class StepWindows:
     split_stable: int = 0  # keyless requests the random draw kept on stable
     split_canary: int = 0  # ... and sent to the canary (or mirrored, in shadow mode)
     shadow: ShadowWindow | None = None
+    # A regressor's predictions are counted in bins of its score: stable's reference
+    # output quantiles (inner edges), where stable has a drift profile.
+    score_edges: np.ndarray | None = None
     started: float = field(default_factory=time.monotonic)
 
     def to_json(self) -> dict[str, object]:
@@ -117,6 +136,7 @@ class ModelTraffic:
     name: str
     policy: TrafficPolicy
     windows: StepWindows
+    score_edges: np.ndarray | None = None  # see StepWindows
     mirroring: int = 0  # mirrored requests in flight
 
     @property
@@ -125,7 +145,7 @@ class ModelTraffic:
 
     def new_step(self) -> None:
         shadow = ShadowWindow() if self.shadow else None
-        self.windows = StepWindows(shadow=shadow)
+        self.windows = StepWindows(shadow=shadow, score_edges=self.score_edges)
 
 
 class Traffic:
@@ -170,7 +190,8 @@ class Traffic:
             return
         current = self._live.get(name)
         if current is None:
-            current = self._live[name] = ModelTraffic(name, policy, StepWindows())
+            edges = _score_edges(self.registry.resolve(name))
+            current = self._live[name] = ModelTraffic(name, policy, StepWindows(), edges)
             current.new_step()
         elif current.policy != policy:
             current.policy = policy
@@ -211,7 +232,9 @@ class Traffic:
             window.errors += 1
             return
         window.latency.record(batch_ns)
-        labels, _ = predictions(outputs)
+        labels, scores = predictions(outputs)
+        if labels is None and scores is not None and windows.score_edges is not None:
+            labels = score_bins(scores, windows.score_edges)
         if labels is not None:
             count_labels(window, labels)
 
