@@ -3,6 +3,7 @@ as a whole, against its statistical promise on simulated rollouts."""
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -635,3 +636,34 @@ def test_a_canary_failing_everything_is_rolled_back_in_the_first_epoch():
     outcome, requests = _vectorised_rollouts(_draws(50.0, 200, 3))  # 100 % errors
     assert np.all(outcome == "rollback")
     assert np.all(requests == EPOCH)
+
+
+def test_later_ready_looks_spend_less_of_the_predictions_alpha():
+    """The k-th look since the step became ready tests predictions at
+    alpha_step / (k (k + 1)); over all looks that sums to alpha_step."""
+    stable = _window(2000, 0, {"a": 1000, "b": 1000})
+    # A shift whose p-value lies between alpha_step / 12 and alpha_step / 2.
+    canary = _window(2000, 0, {"a": 1090, "b": 910})
+    p_value = predictions_check(stable, canary, replace(T, psi=0.0), ALPHA_STEP, True).numbers[
+        "p_value"
+    ]
+    assert ALPHA_STEP / 12 < p_value < ALPHA_STEP / 2
+    verdicts = {}
+    for look in (1, 3):
+        judgement = judge(
+            stable,
+            canary,
+            split_stable=0,
+            split_canary=0,
+            weight=50.0,
+            shadow=None,
+            thresholds=replace(T, psi=0.0),
+            alpha_step=ALPHA_STEP,
+            ready=True,
+            expired=False,
+            ready_look=look,
+        )
+        check = next(c for c in judgement.checks if c.name == "predictions")
+        assert check.numbers["alpha"] == pytest.approx(ALPHA_STEP / (look * (look + 1)))
+        verdicts[look] = check.verdict
+    assert verdicts == {1: "fail", 3: "pass"}

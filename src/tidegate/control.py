@@ -218,6 +218,9 @@ class ControlPlane:
         windows = live.windows
         config = rollout.config
         dwell = rollout.seconds_in_step()
+        ready = windows.canary.requests >= config.min_rows and dwell >= config.min_dwell_s
+        if ready:
+            rollout.ready_looks += 1
         verdict = judge(
             windows.stable,
             windows.canary,
@@ -227,8 +230,9 @@ class ControlPlane:
             shadow=windows.shadow,
             thresholds=rollout.thresholds,
             alpha_step=rollout.alpha_step,
-            ready=windows.canary.requests >= config.min_rows and dwell >= config.min_dwell_s,
+            ready=ready,
             expired=dwell >= config.max_dwell_s,
+            ready_look=max(rollout.ready_looks, 1),
         )
         rollout.judgement = {
             "time": time.time(),

@@ -655,12 +655,18 @@ def judge(
     alpha_step: float,
     ready: bool,
     expired: bool,
+    ready_look: int = 1,
 ) -> Judgement:
     """Run every check on the current step's windows and decide the rollout's action.
 
     `split_*`: unkeyed requests the random split sent to each side (in shadow mode, the
     mirror sampling counts); `weight`: the canary's percent; `ready`: the step has its
-    minimum rows and dwell; `expired`: its maximum dwell has passed."""
+    minimum rows and dwell; `expired`: its maximum dwell has passed; `ready_look`: how
+    many looks (this one included) the step has had since it became ready.
+
+    The predictions check is a fixed-horizon test. A step that stays after it becomes
+    ready (held by another check) is looked at again, so the k-th ready look spends
+    alpha_step / (k (k + 1)) of it: the sum over every look is alpha_step."""
     if not 0.0 < weight <= 100.0:
         raise ValueError(f"weight must be in (0, 100], got {weight}")
     if not 0.0 < alpha_step < 1.0:
@@ -669,7 +675,9 @@ def judge(
         validity_check(split_stable, split_canary, weight, thresholds),
         errors_check(stable, canary, thresholds, alpha_step, ready),
         latency_check(stable, canary, thresholds),
-        predictions_check(stable, canary, thresholds, alpha_step, ready),
+        predictions_check(
+            stable, canary, thresholds, alpha_step / (ready_look * (ready_look + 1)), ready
+        ),
     ]
     if shadow is not None:
         checks.append(disagreement_check(shadow, thresholds, alpha_step, ready))

@@ -32,6 +32,7 @@ class Rollout:
     reason: str = ""  # why it is where it is (the last transition's reason)
     started: float = field(default_factory=time.time)  # wall clock: survives restarts
     step_started: float = field(default_factory=time.time)
+    ready_looks: int = 0  # looks of the judge since the current step became ready
     judgement: dict[str, Any] | None = None  # the judge's last look
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -65,8 +66,10 @@ class Rollout:
         return max(0.0, (time.time() if now is None else now) - self.step_started)
 
     def note(self, action: str, actor: str, reason: str) -> None:
-        """Records a transition in the history (and as the current reason)."""
+        """Records a transition in the history (and as the current reason); every
+        transition starts the step's count of ready looks afresh."""
         self.reason = reason
+        self.ready_looks = 0
         self.history.append(
             {
                 "time": time.time(),
