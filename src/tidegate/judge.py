@@ -15,11 +15,14 @@ Checks
 `judge` runs each check, which gives "pass", "fail" or "continue" (not enough evidence
 yet: no data is never a pass), with every number it rests on:
 
-- validity (not critical): the random split's canary share against the weight, a
-  chi-square goodness of fit with 1 dof on the unkeyed requests (keyed requests are
-  routed by hash and excluded). p < validity_p: the split is broken, "fail" (pause).
-  Fewer than MIN_EXPECTED_SPLIT expected in a cell: "continue", unless the cell expects
-  none and got some (a stable request at weight 100 %), which is impossible: "fail".
+- validity (not critical): the random split's canary share against the weight, on the
+  unkeyed requests (keyed requests are routed by hash and excluded). Looked at every
+  epoch, so sequential: the mean of the two one-sided mixture likelihood ratios (the
+  errors check's machinery, for a share above and below the weight) against
+  1 / validity_p: the split is broken, "fail" (pause). The chi-square p-value (1 dof)
+  is reported beside it for the reader. Fewer than MIN_EXPECTED_SPLIT expected in a
+  cell: "continue", unless the cell expects none and got some (a stable request at
+  weight 100 %), which is impossible: "fail".
 - errors (critical): sequential non-inferiority, valid under continuous monitoring.
   Conditional on an error having occurred, it came from the canary with probability
   theta = pi pc / (pi pc + (1 - pi) ps), pi the canary's exposure share
@@ -40,13 +43,15 @@ yet: no data is never a pass), with every number it rests on:
   successful requests (each within 2**-SUB_BITS of exact); "fail" above the budget,
   judged only once both sides have min_latency_samples.
 - predictions (critical): class-share PSI of canary against stable over the union of
-  labels with smoothed proportions (c + 0.5) / (M + K/2) as in DRIFT.md; p-value from
+  labels (a regressor's scores are counted as classes by the caller, see `canary`),
+  with smoothed proportions (c + 0.5) / (M + K/2) as in DRIFT.md; p-value from
   PSI * N M / (N + M) ~ chi-square(K - 1). "fail" only when both p < alpha_step and
   PSI >= thresholds.psi (significant and large). A fixed-horizon test, so it is judged
-  only when `ready` (one look per step: the step then advances or rolls back unless
-  another check holds it). Fewer than 5 K rows on a side: "continue". Neither side
-  recorded any prediction although both served successful requests: the model has no
-  class output, "pass" (not applicable); with no successful requests yet, "continue".
+  only when `ready`; a step held after that is looked at again, and the k-th such look
+  tests at alpha_step / (k (k + 1)) (`judge`'s `ready_look`), which sums to alpha_step.
+  Fewer than 5 K rows on a side: "continue". Neither side recorded any prediction
+  although both served successful requests: the model has no class output, "pass"
+  (not applicable); with no successful requests yet, "continue".
 - disagreement (critical, shadow mode only): the same mixture likelihood ratio on a
   Bernoulli rate, k = disagreeing rows of n = compared rows, H0 rate <= budget.
 
