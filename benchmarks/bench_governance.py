@@ -19,7 +19,6 @@ their order rotates between rounds, so that drifts of the machine hit all alike.
 """
 
 import argparse
-import http.client
 import json
 import shutil
 import statistics
@@ -41,6 +40,7 @@ from bench_vs_mlserver import (
     make_payload,
     measure,
     running,
+    send,
     spawn_tidegate,
     write_repo,
 )
@@ -84,15 +84,7 @@ def set_traffic(server: Server, config: str) -> None:
     headers = {"Content-Type": "application/json"}
     if config == "all":
         headers["Authorization"] = AUTHORIZATION
-    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    try:
-        connection.request("PUT", f"/v2/models/{MODEL}/traffic", body, headers)
-        response = connection.getresponse()
-        answer = response.read()
-        if response.status != 200:
-            raise RuntimeError(f"PUT traffic: {response.status} {answer!r}")
-    finally:
-        connection.close()
+    send(server.port, "PUT", f"/v2/models/{MODEL}/traffic", body, headers)
 
 
 def raw_onnxruntime(model: Path, payload: Payload, seconds: float = 2.0) -> float:

@@ -409,14 +409,22 @@ def post(port: int, model: str, body: bytes, header_length: int | None) -> tuple
             "Content-Type": "application/octet-stream",
             "Inference-Header-Content-Length": str(header_length),
         }
+    data, answered = send(port, "POST", f"/v2/models/{model}/infer", body, headers)
+    return data, answered.get("Inference-Header-Content-Length")
+
+
+def send(
+    port: int, method: str, path: str, body: bytes | str, headers: dict[str, str]
+) -> tuple[bytes, http.client.HTTPMessage]:
+    """One request to 127.0.0.1:`port`; its body and headers, or RuntimeError unless 200."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        connection.request("POST", f"/v2/models/{model}/infer", body, headers)
+        connection.request(method, path, body, headers)
         response = connection.getresponse()
         data = response.read()
         if response.status != 200:
-            raise RuntimeError(f"{model}: HTTP {response.status}: {data[:500]!r}")
-        return data, response.getheader("Inference-Header-Content-Length")
+            raise RuntimeError(f"{method} {path}: HTTP {response.status}: {data[:500]!r}")
+        return data, response.headers
     finally:
         connection.close()
 
