@@ -13,6 +13,7 @@ import uvicorn
 from tidegate.app import create_app
 from tidegate.config import ServerConfig
 from tidegate.errors import ConfigError
+from tidegate.httpproto import TidegateHttpProtocol
 from tidegate.jsonlog import configure_logging
 
 log = logging.getLogger("tidegate.server")
@@ -53,7 +54,7 @@ def serve(config: ServerConfig, *, access_log: bool = False, graceful_timeout: i
         host=config.host,
         port=config.port,
         loop="uvloop",
-        http="httptools",
+        http=TidegateHttpProtocol,
         lifespan="on",
         access_log=access_log,
         log_level=config.log_level,
