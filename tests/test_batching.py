@@ -3,6 +3,7 @@ exactly its own rows back, joined or not, inline or on the pool, and what cannot
 join or fails stays apart. References are onnxruntime sessions run directly."""
 
 import asyncio
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests import onnx_models
-from tidegate.batcher import PROBE_EVERY, SINGLES_TO_STOP, Batcher
+from tidegate.batcher import IDLE_INLINE_FACTOR, PROBE_EVERY, SINGLES_TO_STOP, Batcher
 from tidegate.config import BatchingConfig, RuntimeConfig
 from tidegate.errors import BadRequest, Overloaded
 from tidegate.executor import InferenceExecutor
@@ -153,6 +154,52 @@ def test_cheap_requests_run_at_once_alone_and_join_under_load(digits: OnnxModel)
     asyncio.run(one_at_a_time(1))
     assert not batcher.joining  # back to running lone requests at once
     executor.shutdown()
+
+
+class ThreadRecordingModel(OnnxModel):
+    """The real model, noting the thread each run takes."""
+
+    def __init__(self, path: Path, config: RuntimeConfig) -> None:
+        super().__init__(path, config)
+        self.threads: list[int] = []
+
+    def run(self, inputs: dict[str, np.ndarray], rows: int = 1) -> dict[str, np.ndarray]:
+        self.threads.append(threading.get_ident())
+        return super().run(inputs, rows)
+
+
+@pytest.mark.parametrize(
+    ("divisor", "pool_busy", "on_the_loop"),
+    [
+        (2.5, False, True),  # over the threshold, within the idle budget: inline
+        (2.5, True, False),  # the same run while the pool is busy: handed off
+        (2 * IDLE_INLINE_FACTOR, False, False),  # over the idle budget too: handed off
+    ],
+)
+def test_a_lone_run_is_inline_longer_while_the_pool_is_idle(
+    divisor: float, pool_busy: bool, on_the_loop: bool
+):
+    """A version whose runs cost more than `inline_below` (a canary on cold caches)
+    still runs on the loop when no other inference runs: the hand-off would cost it
+    more than it saves anyone."""
+    model = ThreadRecordingModel(DIGITS, RuntimeConfig())
+    model.warm_up(None)
+    model.threads.clear()
+    inline_below = int(model.predicted_ns(1) / divisor)
+    batcher, stats, executor = _batcher(model, inline_below)
+    release = threading.Event()
+
+    async def scenario() -> None:
+        blocker = executor.submit(lambda: release.wait(10)) if pool_busy else None
+        await batcher.infer(_digits_rows(1, 0), 1, None)
+        release.set()
+        if blocker is not None:
+            await blocker
+
+    asyncio.run(scenario())
+    executor.shutdown()
+    assert stats.execution_count == 1
+    assert (model.threads == [threading.get_ident()]) is on_the_loop
 
 
 def test_batching_on_and_off_give_the_same_results(digits: OnnxModel):
