@@ -25,6 +25,7 @@ LAYERS = {
         "state",
         "auth",
         "jsonlog",
+        "pending",
     },
     1: {
         "codec",

@@ -6,7 +6,8 @@ import numpy as np
 
 from tidegate.config import DriftConfig
 from tidegate.drift import DriftMonitor, FeatureMap
-from tidegate.observer import CHUNK, DriftObserver
+from tidegate.observer import DriftObserver
+from tidegate.pending import COPY_BELOW_BYTES, SEGMENT_ROWS
 from tidegate.protocol import DATATYPES, TensorSpec
 
 SPEC = TensorSpec("x", DATATYPES["FP32"], (-1, 4))
@@ -22,8 +23,14 @@ def _monitor(reference: np.ndarray) -> DriftMonitor:
 def test_observed_batches_equal_direct_updates():
     rng = np.random.default_rng(11)
     reference = rng.normal(size=(300, 4)).astype(np.float32)
-    sizes = rng.integers(1, 40, 2 * CHUNK + 7)  # several chunks of a drain, and a rest
+    # More rows than a segment holds, float64 rows among the float32 ones (each change of
+    # dtype opens a segment), and a batch large enough to be kept as it is.
+    sizes = rng.integers(1, 40, 3 * SEGMENT_ROWS // 20)
     batches = [rng.normal(size=(int(n), 4)).astype(np.float32) for n in sizes]
+    batches[10] = batches[10].astype(np.float64)
+    batches[11] = batches[11].astype(np.float64)
+    batches[20] = rng.normal(size=(COPY_BELOW_BYTES // 16 + 1, 4)).astype(np.float32)
+    assert sum(len(batch) for batch in batches) > 2 * SEGMENT_ROWS
     observed, direct = _monitor(reference), _monitor(reference)
     observer = DriftObserver(clock=lambda: 0.0)
     observer.start()

@@ -36,49 +36,10 @@ from typing import Any
 import numpy as np
 
 from tidegate.config import DriftConfig
+from tidegate.pending import PendingBatches
 from tidegate.protocol import TensorSpec
 
 EPOCH_SECONDS = 10.0
-
-
-class PendingBatches:
-    """Served batches waiting for the observer: one list of arrays per tensor.
-
-    Appending an array to a long-lived list allocates no object the garbage
-    collector tracks, so thousands of waiting requests cost its collections
-    nothing (tuples or dicts per request cost the server ~5-10 % at concurrency
-    64). The lock keeps a batch's tensors together, and is held for appends and
-    for one swap of the lists, never for work. The bytes waiting are counted, so
-    that large tensors (images) can be drained early and bounded."""
-
-    def __init__(self, tensors: int) -> None:
-        self._tensors = tensors
-        self._lock = threading.Lock()
-        self._lists: list[list[np.ndarray]] = [[] for _ in range(tensors)]
-        self.nbytes = 0
-
-    def __len__(self) -> int:
-        return len(self._lists[0]) if self._tensors else 0
-
-    def append(self, arrays: list[np.ndarray], capacity: int, max_bytes: int) -> bool:
-        """Adds one batch's arrays (one per tensor); False when `capacity` batches or
-        `max_bytes` bytes would wait."""
-        size = sum(array.nbytes for array in arrays)
-        with self._lock:
-            lists = self._lists
-            if len(lists[0]) >= capacity or self.nbytes + size > max_bytes:
-                return False
-            for target, array in zip(lists, arrays, strict=True):
-                target.append(array)
-            self.nbytes += size
-        return True
-
-    def take(self) -> list[list[np.ndarray]]:
-        """Everything waiting, one list per tensor, leaving nothing behind."""
-        with self._lock:
-            taken, self._lists = self._lists, [[] for _ in range(self._tensors)]
-            self.nbytes = 0
-        return taken
 
 
 MIN_ROWS_PER_BIN = 5  # fewer than 5 * B rows in the window: insufficient data
@@ -548,7 +509,7 @@ class DriftMonitor:
         # filled by the request path, emptied by the observer's thread.
         self.input_names = tuple(spec.name for spec in inputs.specs)
         self.output_names = tuple(spec.name for spec in output_specs)
-        self.pending = PendingBatches(len(self.input_names) + len(self.output_names))
+        self.pending = PendingBatches()
         # Held by whoever updates or reads: the observer's thread and the report.
         self.lock = threading.Lock()
 

@@ -1,0 +1,124 @@
+"""Served batches waiting for the drift observer, gathered into contiguous segments.
+
+Theory of operation
+-------------------
+The request path hands over each served batch (its input and output arrays,
+one per tensor) and the observer's thread takes everything now and then. What
+the thread does with it must be cheap for the event loop, which competes with it
+for the GIL: joining thousands of small arrays, or a kernel call per request,
+holds the GIL for milliseconds.
+
+So a small batch is copied, on arrival, into the open segment: one preallocated
+array per tensor with room for many batches of the same row shape and dtype.
+The thread then hands each segment to the kernels whole: one extraction and one
+GIL-free kernel pass over a contiguous array, however many requests it holds.
+A batch whose rows do not fit the open segment (another shape, dtype or no room
+left) opens a new one of `SEGMENT_BYTES` (allocated, not touched: a version that
+sees a trickle of traffic holds the pages its rows fill). A large batch (an image batch, at least
+`COPY_BELOW_BYTES`) is not copied: its own arrays become a segment of their own,
+which costs one kernel call, small next to its size.
+
+No object per request outlives its request, so waiting batches cost the garbage
+collector nothing. The lock is held for a copy or a swap, never for work. The
+bytes waiting are counted, so that a caller can drain early and bound them.
+"""
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+COPY_BELOW_BYTES = 64 << 10  # a batch this large keeps its own arrays as a segment
+SEGMENT_BYTES = 1 << 20
+SEGMENT_ROWS = 4096  # at most: the kernels' slowest path (labels) is per row
+
+
+@dataclass(slots=True, eq=False)
+class Segment:
+    """Batches of one row shape and dtype per tensor, rows along axis 0."""
+
+    buffers: list[np.ndarray]  # one per tensor
+    filled: list[int]  # rows of each buffer in use
+    batches: int = 0
+    shared: bool = field(default=True)  # False: a large batch's own arrays, closed
+
+    @classmethod
+    def allocate(cls, arrays: list[np.ndarray]) -> "Segment":
+        """An empty segment shaped like `arrays`, with room for about `SEGMENT_BYTES`."""
+        rows = len(arrays[0])
+        row_bytes = max(1, sum(array.nbytes for array in arrays) // rows)
+        batches = max(1, min(SEGMENT_BYTES // row_bytes, SEGMENT_ROWS) // rows)
+        buffers = [
+            np.empty((len(array) * batches, *array.shape[1:]), dtype=array.dtype)
+            for array in arrays
+        ]
+        return cls(buffers, [0] * len(arrays))
+
+    @classmethod
+    def borrowed(cls, arrays: list[np.ndarray]) -> "Segment":
+        return cls(list(arrays), [len(array) for array in arrays], 1, shared=False)
+
+    def add(self, arrays: list[np.ndarray]) -> bool:
+        """Copies a batch in; False (nothing counted) if its rows do not fit."""
+        if not self.shared:
+            return False
+        filled = self.filled
+        ends = []
+        for buffer, used, array in zip(self.buffers, filled, arrays, strict=True):
+            end = used + len(array)
+            if array.dtype != buffer.dtype or array.shape[1:] != buffer.shape[1:]:
+                return False
+            if end > len(buffer):
+                return False
+            # Rows past `filled` are nobody's yet: a refusal below leaves no trace.
+            buffer[used:end] = array
+            ends.append(end)
+        self.filled = ends
+        self.batches += 1
+        return True
+
+    def arrays(self) -> list[np.ndarray]:
+        """The rows in use, one array per tensor (views, no copy)."""
+        return [buffer[:used] for buffer, used in zip(self.buffers, self.filled, strict=True)]
+
+
+class PendingBatches:
+    """One model version's served batches, waiting in segments (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._segments: list[Segment] = []
+        self._open: Segment | None = None
+        self.batches = 0
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def append(self, arrays: list[np.ndarray], capacity: int, max_bytes: int) -> bool:
+        """Adds one batch's arrays (one per tensor, rows on axis 0; a 0-d array is one
+        row); False when `capacity` batches or `max_bytes` bytes would wait."""
+        size = 0
+        for i, array in enumerate(arrays):
+            if not array.ndim:
+                arrays[i] = array.reshape(1)
+            size += array.nbytes
+        with self._lock:
+            if self.batches >= capacity or self.nbytes + size > max_bytes:
+                return False
+            if size >= COPY_BELOW_BYTES:
+                self._segments.append(Segment.borrowed(arrays))
+            elif self._open is None or not self._open.add(arrays):
+                self._open = Segment.allocate(arrays)
+                self._open.add(arrays)
+                self._segments.append(self._open)
+            self.batches += 1
+            self.nbytes += size
+        return True
+
+    def take(self) -> list[Segment]:
+        """Everything waiting, leaving nothing behind."""
+        with self._lock:
+            taken, self._segments, self._open = self._segments, [], None
+            self.batches = self.nbytes = 0
+        return taken
