@@ -15,7 +15,7 @@ their order rotates between rounds, so that drifts of the machine hit all alike.
     reqlog     --request-log with sampling 1.0: every request written
     all        split + auth + request log
 
-    python benchmarks/bench_governance.py [--seconds 5] [--rounds 3]
+    python benchmarks/bench_governance.py [--seconds 5] [--rounds 3] [--configs plain,split]
 """
 
 import argparse
@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="plain and any of the others")
     args = parser.parse_args(argv)
+    configs = [c for c in CONFIGS if c in args.configs.split(",") or c == "plain"]
     results: dict[tuple[str, int], list[Result]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="tidegate-governance-") as tmp:
         root = Path(tmp)
@@ -129,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         auth_file = write_auth_file(root)
         floor = raw_onnxruntime(model, payload)
         for round_index in range(args.rounds):
-            order = CONFIGS[round_index % len(CONFIGS) :] + CONFIGS[: round_index % len(CONFIGS)]
+            turn = round_index % len(configs)
+            order = configs[turn:] + configs[:turn]
             for config in order:
                 for result in measure_config(config, root, repo, auth_file, payload, args.seconds):
                     if result.errors or result.status_errors:
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = results[("plain", conc)]
         plain_rps = statistics.median(r.requests / r.seconds for r in plain)
         plain_p50 = statistics.median(r.p50_ms for r in plain)
-        for config in CONFIGS:
+        for config in configs:
             cell = results[(config, conc)]
             rps = statistics.median(r.requests / r.seconds for r in cell)
             p50 = statistics.median(r.p50_ms for r in cell)
