@@ -1,6 +1,6 @@
 # tidegate serving the shipped models. The install step is the Makefile's own
 # `make install`, the same target `make serve` and `make test` build on, so the
-# image cannot drift from what CI tests.
+# image cannot drift from what CI tests: the same constraints.txt pins every version.
 FROM python:3.11-slim
 
 RUN apt-get update \
@@ -9,7 +9,7 @@ RUN apt-get update \
     && useradd --create-home --uid 10001 tidegate
 
 WORKDIR /app
-COPY pyproject.toml README.md Makefile ./
+COPY pyproject.toml README.md Makefile constraints.txt ./
 COPY src ./src
 RUN make install VENV=/opt/tidegate
 

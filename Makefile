@@ -5,25 +5,32 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 REPO ?= models
+# The exact versions CI tested (see its header); `make lock` rewrites it.
+CONSTRAINTS := constraints.txt
+PIP := $(BIN)/python -m pip install -c $(CONSTRAINTS)
 
-.PHONY: install install-test install-bench serve test check format bench models clean
+.PHONY: install install-test install-bench serve test check format bench models lock clean
 
-# The stamp files re-run pip only when pyproject.toml changes.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e .
+# The stamp files re-run pip only when pyproject.toml or the constraints change. pip
+# first moves itself to its pinned version. An install with extras also installs
+# tidegate, so it stamps the plain install as done too.
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) pip
+	$(PIP) -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[test]'
-	touch $@
+$(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) pip
+	$(PIP) -e '.[test]'
+	touch $@ $(VENV)/.installed
 
-$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[bench]'
-	touch $@
+$(VENV)/.installed-bench: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
+	$(PIP) pip
+	$(PIP) -e '.[bench]'
+	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -50,6 +57,14 @@ models: install-test
 bench: install-bench
 	$(BIN)/python benchmarks/bench_hotpath.py
 	$(BIN)/python benchmarks/bench_http.py
+
+# Re-resolve every dependency in a fresh venv (no constraints) and pin the result.
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && set -e && \
+	$(PYTHON) -m venv "$$tmp/venv" && \
+	"$$tmp/venv/bin/python" -m pip install --upgrade pip && \
+	"$$tmp/venv/bin/python" -m pip install -e '.[test,bench]' && \
+	"$$tmp/venv/bin/python" scripts/lock.py $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV)

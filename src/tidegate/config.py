@@ -85,7 +85,7 @@ class ValidationConfig:
 
 @dataclass(slots=True, frozen=True)
 class DriftConfig:
-    """Online drift statistics (see DRIFT.md): reference bins, decay and the verdict gates."""
+    """Online drift statistics (docs/drift.md): reference bins, decay and the verdict gates."""
 
     enabled: bool = True
     bins: int = 16  # equal-mass bins per feature, from the reference's quantiles
@@ -98,7 +98,7 @@ class DriftConfig:
 
 @dataclass(slots=True, frozen=True)
 class RolloutConfig:
-    """A progressive rollout's steps, pace and the canary judge's thresholds (DRIFT.md).
+    """A progressive rollout's steps, pace and the canary judge's thresholds (docs/rollouts.md).
 
     A model's `[rollout]` section sets its defaults; a rollout request may override any
     key. Reaching the last step, 100 %, is the promotion: at 100 % stable serves

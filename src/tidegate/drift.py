@@ -1,5 +1,5 @@
 """Online drift statistics of one model version: the reference profile, the state
-updated on every batch, and the report computed when read (see DRIFT.md).
+updated on every batch, and the report computed when read (see docs/drift.md).
 
 Theory of operation
 -------------------
@@ -383,7 +383,7 @@ def _band(value: float, config: DriftConfig) -> str:
 def _gated(
     psi_value: float, p_value: float, rows: float, tests: int, bins: int, config: DriftConfig
 ) -> str:
-    """The dual gate of DRIFT.md: significant (Bonferroni over `tests`) and large."""
+    """The dual gate of docs/drift.md: significant (Bonferroni over `tests`) and large."""
     if rows < MIN_ROWS_PER_BIN * bins:
         return "insufficient_data"
     if p_value < config.alpha / tests and psi_value >= config.psi_warn:

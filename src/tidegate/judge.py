@@ -1,4 +1,4 @@
-"""The canary judge: the statistics that decide a progressive rollout (see DRIFT.md,
+"""The canary judge: the statistics that decide a progressive rollout (see docs/rollouts.md,
 "The canary judge"). Computed when read, on the merged state of the current step's
 window, never on the hot path.
 
@@ -44,7 +44,7 @@ yet: no data is never a pass), with every number it rests on:
   judged only once both sides have min_latency_samples.
 - predictions (critical): class-share PSI of canary against stable over the union of
   labels (a regressor's scores are counted as classes by the caller, see `canary`),
-  with smoothed proportions (c + 0.5) / (M + K/2) as in DRIFT.md; p-value from
+  with smoothed proportions (c + 0.5) / (M + K/2) as in docs/drift.md; p-value from
   PSI * N M / (N + M) ~ chi-square(K - 1). "fail" only when both p < alpha_step and
   PSI >= thresholds.psi (significant and large). A fixed-horizon test, so it is judged
   only when `ready`; a step held after that is looked at again, and the k-th such look
