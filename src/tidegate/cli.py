@@ -274,11 +274,11 @@ def _change(
     with control(url, token) as client:
         call = client.load if action == "load" else client.unload
         if as_json:
-            call(model, version)
+            nothing_done = call(model, version)
         else:
             # A load returns only once the model is warm, which can take a while.
             with make_console().status(f"{action}ing {which}…"):
-                call(model, version)
+                nothing_done = call(model, version)
         versions = _serving_versions(client, model)
     if as_json:
         document = {
@@ -287,9 +287,11 @@ def _change(
             "version": None if version is None else str(version),
             "versions": versions,
         }
+        if nothing_done is not None:  # an unload of what was not loaded
+            document["message"] = nothing_done
         click.echo(json.dumps(document, indent=2))
     else:
-        click.echo(f"{action}ed {which}")
+        click.echo(f"{action}ed {which}" if nothing_done is None else nothing_done)
         click.echo(f"serving versions: {', '.join(versions) or 'none'}")
 
 
