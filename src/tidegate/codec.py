@@ -353,6 +353,15 @@ def _bytes_blob(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def _binary_blob(datatype: Datatype, array: np.ndarray) -> bytes | memoryview:
+    """An output's raw tensor bytes: a view of the array's memory, with no copy."""
+    if datatype.name == "BYTES":
+        return _bytes_blob(array)
+    if not array.size:
+        return b""  # a memoryview of a zero-size array cannot be cast to bytes
+    return np.ascontiguousarray(array).data.cast("B")
+
+
 def _json_data(datatype: Datatype, array: np.ndarray) -> object:
     if datatype.name == "BYTES":
         return [
@@ -390,11 +399,7 @@ def encode_response(
             "shape": list(array.shape),
         }
         if output.binary:
-            blob = (
-                _bytes_blob(array)
-                if datatype.name == "BYTES"
-                else np.ascontiguousarray(array).data.cast("B")
-            )
+            blob = _binary_blob(datatype, array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
