@@ -97,3 +97,20 @@ def slow(size: int = 1200, rounds: int = 24) -> onnx.ModelProto:
             helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0 / size]),
         ],
     )
+
+
+def log_and_reciprocal(datatype: str = "FP32") -> onnx.ModelProto:
+    """log = ln(x) and inverse = 1 / x: finite inputs give NaN (ln of a negative) and
+    infinities (ln 0, 1 / 0) in the outputs."""
+    kind = V2_TO_ONNX[datatype]
+    return _model(
+        [
+            helper.make_node("Log", ["x"], ["log"]),
+            helper.make_node("Reciprocal", ["x"], ["inverse"]),
+        ],
+        [helper.make_tensor_value_info("x", kind, ["batch", 3])],
+        [
+            helper.make_tensor_value_info("log", kind, ["batch", 3]),
+            helper.make_tensor_value_info("inverse", kind, ["batch", 3]),
+        ],
+    )

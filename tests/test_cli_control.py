@@ -127,10 +127,23 @@ def test_a_server_error_is_reported_with_exit_code_1(live: LiveServer):
     assert "no_such_model" in result.stderr
     assert result.stdout == ""
 
-    result = tidegate("unload", "digits", "--version", "7", "--url", live.url)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: model 'digits'")
-    assert "'7'" in result.stderr
+
+def test_unloading_what_is_not_loaded_says_so_and_succeeds(live: LiveServer):
+    out = ok("unload", "digits", "--version", "7", "--url", live.url)
+    assert out == "model 'digits' version 7 is already unloaded\nserving versions: 1\n"
+
+    assert ok("unload", "digits", "--url", live.url).startswith("unloaded digits\n")
+    out = ok("unload", "digits", "--url", live.url)
+    assert out == "model 'digits' is already unloaded\nserving versions: none\n"
+
+    document = json.loads(ok("unload", "no_such_model", "--url", live.url, "--json"))
+    assert document == {
+        "action": "unload",
+        "model": "no_such_model",
+        "version": None,
+        "versions": [],
+        "message": "model 'no_such_model' is not loaded, nor in the repository: nothing to unload",
+    }
 
 
 def test_no_server_is_reported_with_exit_code_3():

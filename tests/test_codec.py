@@ -1,5 +1,6 @@
 """The wire codec on its own: no server, no onnxruntime."""
 
+import json
 import struct
 
 import numpy as np
@@ -102,6 +103,71 @@ def test_json_round_trip_is_exact(data, datatype):
     output = orjson.loads(response)["outputs"][0]
     assert output["datatype"] == datatype
     np.testing.assert_array_equal(np.array(output["data"], dtype=dtype), array.ravel())
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), datatype=st.sampled_from(["FP32", "FP64"]))
+def test_nan_and_infinity_round_trip_through_json_as_tokens(data, datatype):
+    """Requests may carry NaN, Infinity and -Infinity (as Python's json and tritonclient
+    write them, and Triton reads them); responses write them the same way, not as null."""
+    dtype = DATATYPES[datatype].numpy
+    special = st.sampled_from([np.nan, np.inf, -np.inf])
+    elements = st.floats(width=8 * dtype.itemsize) | special
+    array = data.draw(
+        hnp.arrays(dtype, st.tuples(st.integers(1, 8), st.just(3)), elements=elements)
+    )
+    entry = {"name": "x", "datatype": datatype, "shape": list(array.shape), "data": array.tolist()}
+    body = json.dumps({"id": "NaN Infinity", "inputs": [entry]}).encode()
+
+    request = decode_request(body, None, _meta(datatype))
+
+    np.testing.assert_array_equal(request.inputs["x"], array)
+    response, _ = encode_response("m", "1", request, {"y": request.inputs["x"]}, _meta(datatype))
+    assert b"null" not in response
+    document = json.loads(response)
+    assert document["id"] == "NaN Infinity"
+    np.testing.assert_array_equal(np.array(document["outputs"][0]["data"], dtype), array.ravel())
+
+
+def test_non_finite_outputs_keep_the_finite_values_text():
+    meta = _meta("FP32")
+    request = decode_request(
+        orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [0, 3], "data": []}]}),
+        None,
+        meta,
+    )
+    finite = np.array([[0.1, 1e-30, 3.4e38]], dtype=np.float32)
+    special = np.array([[0.1, np.nan, -np.inf], [np.inf, 1e-30, 3.4e38]], dtype=np.float32)
+    plain = encode_response("m", "1", request, {"y": finite}, meta)[0]
+    marked = encode_response("m", "1", request, {"y": special}, meta)[0]
+    assert b'"data":[0.1,1e-30,3.4e+38]' in plain
+    assert b'"data":[0.1,NaN,-Infinity,Infinity,1e-30,3.4e+38]' in marked
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b'{"inputs": [NaN', "not valid JSON"),  # broken beyond the tokens: orjson's error
+        (b'{"inputs": [nan]}', "not valid JSON"),  # only NaN, Infinity and -Infinity
+        (b'{"inputs": [Inf]}', "not valid JSON"),
+        (b'{"id": "\\ud800", "inputs": [NaN]}', "not valid JSON"),  # a lone surrogate
+        (b'{"inputs": [NaN]}', "input"),  # parsed, then refused as an input
+    ],
+)
+def test_bodies_with_tokens_that_are_still_invalid(body, words):
+    with pytest.raises(BadRequest, match=words):
+        decode_request(body, None, _meta("FP32"))
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_tokens_are_refused_where_the_model_refuses_nan(token):
+    entry = '{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, ' + token + ", 2]}"
+    body = '{"inputs": [' + entry + "]}"
+    with pytest.raises(BadRequest, match="contains NaN or infinity"):
+        decode_request(body.encode(), None, _meta("FP32"), reject_nan=True)
+    integers = body.replace("FP32", "INT64").encode()
+    with pytest.raises(BadRequest, match="not INT64"):
+        decode_request(integers, None, _meta("INT64"))
 
 
 def _is_text(value: bytes) -> bool:

@@ -41,14 +41,15 @@ LAYERS = {
         "requestlog",
     },
     2: {"batcher", "registry", "poller", "observer", "bench", "canary", "control"},
-    3: {"infer", "v2", "app", "client", "metrics", "control_api", "access", "httpproto"},
-    4: {"server", "cli", "cli_common", "cli_rollout", "cli_bench", "__main__"},
+    3: {"infer", "v2", "app", "client", "metrics", "control_api", "access"},
+    4: {"server", "connection", "cli", "cli_common", "cli_rollout", "cli_bench", "__main__"},
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
 OWNERS = {
     "onnxruntime": {"runtime"},
     "starlette": {"v2", "app", "control_api"},
-    "uvicorn": {"server", "httpproto"},
+    "uvicorn": {"server", "connection"},
+    "httptools": {"connection"},
     "click": {"cli", "cli_common", "cli_rollout", "cli_bench"},
     "rich": {"cli", "cli_common", "cli_rollout", "cli_bench"},
     "numba": {"kernels"},

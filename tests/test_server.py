@@ -101,10 +101,51 @@ def test_unload_and_load_with_tritonclient(models_dir: Path, start_server):
     expected = expected_outputs(DIGITS, reference_rows(DIGITS, 3))
     assert response.json()["outputs"][0]["data"] == expected["label"].tolist()
 
-    with pytest.raises(InferenceServerException, match="not loaded"):
-        triton.unload_model("no_such_model")
+    triton.unload_model("no_such_model")  # unloading what is not loaded succeeds, as in Triton
     with pytest.raises(InferenceServerException, match="not in the repository"):
         triton.load_model("no_such_model")
+
+
+def test_unloading_what_is_not_loaded_is_a_no_op_that_is_audited(models_dir: Path, start_server):
+    """Triton's unload is idempotent ("unloading a model that is not loaded on server
+    has no affect and success code will be returned"): a retried unload never fails."""
+    live = start_server(models_dir)
+    post = live.client.post
+    assert post("/v2/repository/models/digits/unload").json() == {}
+    again = post("/v2/repository/models/digits/unload")
+    assert again.status_code == 200
+    assert again.json() == {"message": "model 'digits' is already unloaded"}
+    version = post("/v2/repository/models/digits/unload", json={"parameters": {"version": "1"}})
+    assert version.status_code == 200
+    assert version.json() == {"message": "model 'digits' version 1 is already unloaded"}
+    unknown = post("/v2/repository/models/no_such_model/unload")
+    assert unknown.status_code == 200
+    assert "not loaded, nor in the repository" in unknown.json()["message"]
+    not_a_version = post(
+        "/v2/repository/models/digits/unload", json={"parameters": {"version": "x"}}
+    )
+    assert not_a_version.status_code == 404
+    assert "has no version 'x'" in not_a_version.json()["error"]
+
+    entries = live.client.get("/v2/audit").json()["entries"]
+    unloads = [
+        (e["model"], e["version"], e["outcome"], e["reason"])
+        for e in entries
+        if e["action"] == "unload"
+    ]
+    assert unloads == [
+        ("digits", None, "done", ""),
+        ("digits", None, "no-op", "model 'digits' is already unloaded"),
+        ("digits", "1", "no-op", "model 'digits' version 1 is already unloaded"),
+        (
+            "no_such_model",
+            None,
+            "no-op",
+            "model 'no_such_model' is not loaded, nor in the repository: nothing to unload",
+        ),
+        ("digits", "x", "failed", "model 'digits' has no version 'x'"),
+    ]
+    assert live.client.get("/v2/health/ready").status_code == 200
 
 
 def test_versions_load_and_unload_one_at_a_time(models_dir: Path, start_server):
@@ -142,7 +183,8 @@ def test_versions_load_and_unload_one_at_a_time(models_dir: Path, start_server):
     assert missing.status_code == 404
     assert "no version 5" in missing.json()["error"]
     gone = post("/v2/repository/models/breast_cancer/unload", json={"parameters": {"version": "5"}})
-    assert gone.status_code == 404
+    assert gone.status_code == 200
+    assert gone.json() == {"message": "model 'breast_cancer' version 5 is already unloaded"}
 
     # A new version directory is served once loaded; the policy "latest" drops version 1.
     shutil.copytree(models_dir / "digits" / "1", models_dir / "digits" / "2")

@@ -34,7 +34,8 @@ Each request gets views of its own rows of the outputs. If a joined run fails
 (one request holds data the graph refuses) or its outputs do not split by row,
 its requests run one by one, so only the culprit gets the error. A request may
 carry a deadline (the V2 `timeout` parameter, in microseconds); if it is still
-queued then, it gets 503 without running.
+queued then, it gets 503 without running. A request of zero rows never queues: its
+empty outputs come from the model's metadata (`OnnxModel.empty_outputs`).
 """
 
 import asyncio
@@ -137,6 +138,8 @@ class Batcher:
             Overloaded: the queue is full, or `timeout_us` passed before it ran.
             BadRequest: the model refused this request's data.
         """
+        if not rows:  # an empty batch: answered from the metadata, nothing to run or observe
+            return BatchResult(self._model.empty_outputs(), 0, 0, None)
         if len(self._queue) >= self._max_queue:
             raise Overloaded(
                 f"{len(self._queue)} requests are already waiting for this model version; try again"

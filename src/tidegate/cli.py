@@ -33,6 +33,7 @@ from tidegate.cli_rollout import (
     rollout,
     traffic,
 )
+from tidegate.config import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
 
 if TYPE_CHECKING:
     from tidegate.client import ControlClient, IndexRow, ServerMetadata
@@ -58,6 +59,21 @@ def main() -> None:
     show_default=True,
     type=click.IntRange(1),
     help="Largest request body in bytes; larger ones get 413.",
+)
+@click.option(
+    "--max-header-size",
+    default=DEFAULT_MAX_HEADER_BYTES,
+    show_default=True,
+    type=click.IntRange(1024),
+    help="Largest request head in bytes (the target and every header line); larger "
+    "ones get 431, a longer target alone 414.",
+)
+@click.option(
+    "--max-headers",
+    default=DEFAULT_MAX_HEADERS,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Most header fields in a request; more get 431.",
 )
 @click.option(
     "--threads",
@@ -129,6 +145,8 @@ def serve(
     host: str,
     port: int,
     max_body_size: int,
+    max_header_size: int,
+    max_headers: int,
     threads: int | None,
     poll_interval: float | None,
     state_dir: Path | None,
@@ -151,6 +169,8 @@ def serve(
         host=host,
         port=port,
         max_body_bytes=max_body_size,
+        max_header_bytes=max_header_size,
+        max_headers=max_headers,
         poll_interval=poll_interval,
         log_level=log_level,
         log_format=log_format,
@@ -274,11 +294,11 @@ def _change(
     with control(url, token) as client:
         call = client.load if action == "load" else client.unload
         if as_json:
-            call(model, version)
+            nothing_done = call(model, version)
         else:
             # A load returns only once the model is warm, which can take a while.
             with make_console().status(f"{action}ing {which}…"):
-                call(model, version)
+                nothing_done = call(model, version)
         versions = _serving_versions(client, model)
     if as_json:
         document = {
@@ -287,9 +307,11 @@ def _change(
             "version": None if version is None else str(version),
             "versions": versions,
         }
+        if nothing_done is not None:  # an unload of what was not loaded
+            document["message"] = nothing_done
         click.echo(json.dumps(document, indent=2))
     else:
-        click.echo(f"{action}ed {which}")
+        click.echo(f"{action}ed {which}" if nothing_done is None else nothing_done)
         click.echo(f"serving versions: {', '.join(versions) or 'none'}")
 
 

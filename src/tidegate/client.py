@@ -183,9 +183,14 @@ class ControlClient:
         """(Re)loads a model, or one version of it; returns once it serves."""
         self._request("POST", f"/v2/repository{_model_path(model)}/load", _options(version))
 
-    def unload(self, model: str, version: int | str | None = None) -> None:
-        """Stops serving a model, or one version of it."""
-        self._request("POST", f"/v2/repository{_model_path(model)}/unload", _options(version))
+    def unload(self, model: str, version: int | str | None = None) -> str | None:
+        """Stops serving a model, or one version of it. Unloading what is not loaded is
+        no error: the server's message saying so is returned (None when it unloaded)."""
+        document = self._request(
+            "POST", f"/v2/repository{_model_path(model)}/unload", _options(version)
+        )
+        message = document.get("message") if isinstance(document, dict) else None
+        return message if isinstance(message, str) else None
 
     # -- tidegate's traffic, rollout and audit extensions ------------------------------
 

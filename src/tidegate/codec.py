@@ -13,6 +13,7 @@ length followed by its bytes. Responses use the same layout for outputs that ask
 for `binary_data` (or all outputs, with the request parameter `binary_data_output`).
 """
 
+import json
 import math
 import struct
 from dataclasses import dataclass
@@ -247,7 +248,7 @@ def decode_request(
     try:
         document = orjson.loads(memoryview(body)[:header_length])
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from exc
+        document = _loads_non_finite(body[:header_length], exc)
     request = _object(document, "the request body")
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -313,6 +314,35 @@ def decode_request(
     )
 
 
+def _orjson_int(text: str) -> int | float:
+    """An integer as orjson reads it: past 64 bits, a float."""
+    value = int(text)
+    return value if -(2**63) <= value < 2**64 else float(value)
+
+
+def _loads_non_finite(text: bytes, error: orjson.JSONDecodeError) -> Any:
+    """The JSON part of a request that orjson refused, if what it refused is only the
+    NaN, Infinity and -Infinity tokens; else the BadRequest for orjson's `error`.
+
+    Triton parses requests with rapidjson's kParseNanAndInfFlag (TritonJson::Parse), and
+    its clients write the tokens for non-finite floats (tritonclient's python-rapidjson,
+    Python's json), so tidegate takes them too; `[validation] reject_nan` still refuses
+    them where a model cannot take them. orjson has no such option, so such a body is
+    parsed again here, by the standard library, which reads the three tokens and nothing
+    else beyond JSON. Only requests that orjson refused pay for it. The result is then
+    held to what orjson accepts (encoding it again refuses lone surrogates, which the
+    standard library lets through and nothing downstream could encode)."""
+    invalid = BadRequest(f"request body is not valid JSON: {error}")
+    if b"NaN" not in text and b"Infinity" not in text:
+        raise invalid from error
+    try:
+        document = json.loads(text.decode("utf-8"), parse_int=_orjson_int)
+        orjson.dumps(document)
+    except (ValueError, TypeError, RecursionError) as exc:  # JSONEncodeError is a TypeError
+        raise invalid from exc
+    return document
+
+
 def _routing_key(parameters: dict[str, Any]) -> bytes | None:
     """tidegate's `routing_key` request parameter: requests with the same key see the
     same version of a model with a canary (see `traffic`)."""
@@ -353,6 +383,15 @@ def _bytes_blob(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def _binary_blob(datatype: Datatype, array: np.ndarray) -> bytes | memoryview:
+    """An output's raw tensor bytes: a view of the array's memory, with no copy."""
+    if datatype.name == "BYTES":
+        return _bytes_blob(array)
+    if not array.size:
+        return b""  # a memoryview of a zero-size array cannot be cast to bytes
+    return np.ascontiguousarray(array).data.cast("B")
+
+
 def _json_data(datatype: Datatype, array: np.ndarray) -> object:
     if datatype.name == "BYTES":
         return [
@@ -360,6 +399,32 @@ def _json_data(datatype: Datatype, array: np.ndarray) -> object:
             for item in array.reshape(-1)
         ]
     return np.ascontiguousarray(array).reshape(-1)
+
+
+def _non_finite_data(entries: list[dict[str, object]]) -> bool:
+    """Rewrites the JSON data of float outputs holding NaN or an infinity as Triton
+    writes them: bare NaN, Infinity and -Infinity tokens (TritonJson::Write uses
+    rapidjson's kWriteNanAndInfFlag), which tritonclient (python-rapidjson) and
+    Python's json read back as floats. orjson would write null, which reads back as
+    None, and as no number at all in a numpy array. Returns whether any output changed.
+
+    Each such output is encoded alone by orjson, so its finite values keep exactly the
+    text they have in any other response, and its nulls are replaced by the tokens."""
+    changed = False
+    for entry in entries:
+        data = entry.get("data")
+        if not isinstance(data, np.ndarray) or data.dtype.kind != "f":
+            continue
+        finite = np.isfinite(data)
+        if finite.all():
+            continue
+        items = orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+        for index in np.flatnonzero(~finite).tolist():
+            value = data[index]
+            items[index] = b"NaN" if np.isnan(value) else b"Infinity" if value > 0 else b"-Infinity"
+        entry["data"] = orjson.Fragment(b"[" + b",".join(items) + b"]")
+        changed = True
+    return changed
 
 
 def encode_response(
@@ -390,11 +455,7 @@ def encode_response(
             "shape": list(array.shape),
         }
         if output.binary:
-            blob = (
-                _bytes_blob(array)
-                if datatype.name == "BYTES"
-                else np.ascontiguousarray(array).data.cast("B")
-            )
+            blob = _binary_blob(datatype, array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
@@ -405,6 +466,10 @@ def encode_response(
         document["id"] = request.id
     document["outputs"] = entries
     header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    # orjson writes NaN and infinities as null: a float output holding one is written
+    # again (see `_non_finite_data`). A byte search is the whole cost for the others.
+    if b"null" in header and _non_finite_data(entries):
+        header = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)

@@ -21,6 +21,13 @@ DEFAULT_INTRA_OP_THREADS = 1
 DEFAULT_MAX_BATCH_SIZE = 256
 DEFAULT_MAX_QUEUE_SIZE = 1024
 DEFAULT_INLINE_BELOW_US = 50
+# A request's head: its target plus header lines, and its number of header fields.
+# 32 KiB is what nginx takes at most (4 buffers of 8 KiB), between Node's 16 KiB and
+# Envoy's 60 KiB; 100 fields is Apache's and Envoy's limit. V2 clients send a handful of
+# short headers; the room is for proxies' forwarding and tracing headers and for
+# long bearer tokens.
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+DEFAULT_MAX_HEADERS = 100
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
 
@@ -136,6 +143,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 64 * 1024 * 1024
+    # Over these a request gets 431 (a target alone over the bytes, 414): see `connection`.
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_headers: int = DEFAULT_MAX_HEADERS
     # Threads that run onnxruntime batches, one batch each at a time. Half the cores:
     # the event loop needs the rest. On 2 cores one thread beat two for every model
     # measured, at concurrency 1 and 64 (benchmarks/bench_threads.py).

@@ -307,9 +307,7 @@ class ControlPlane:
         self.traffic.apply(rollout.model, policy)
 
     async def _unload(self, name: str, version: int, actor: str) -> None:
-        try:
-            await self.registry.unload(name, str(version))
-        except NotFound:
+        if await self.registry.unload(name, str(version)) is not None:
             return  # already gone
         await self.record(actor, "unload", name, "done", "after the rollout", version=str(version))
 

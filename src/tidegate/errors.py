@@ -10,6 +10,8 @@
     ├── MethodNotAllowed (405)
     ├── Conflict (409)         a control action the model's current state does not allow
     ├── TooLarge (413)         a body over the configured limit
+    ├── UriTooLong (414)       a request target over the request head's limit
+    ├── HeadersTooLarge (431)  request headers over the configured size or count
     └── Overloaded (503)       no room in a bounded queue; carries `retry_after` seconds
 
 Lower-level errors (orjson, onnxruntime, tomllib) are translated into these where
@@ -64,6 +66,14 @@ class MethodNotAllowed(TidegateError):
 
 class TooLarge(TidegateError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class UriTooLong(TidegateError):
+    status = HTTPStatus.REQUEST_URI_TOO_LONG
+
+
+class HeadersTooLarge(TidegateError):
+    status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
 
 
 class Overloaded(TidegateError):

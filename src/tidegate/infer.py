@@ -282,7 +282,7 @@ class InferRouter:
             time.monotonic_ns(),
             variant.name,
         )
-        if windows is not None:
+        if windows is not None and rows:  # an empty batch says nothing about a canary
             batch_ns = result.queue_ns + result.run_ns
             self.traffic.record(windows, variant is CANARY, batch_ns, result.outputs)
         if json_length is None:
@@ -290,7 +290,9 @@ class InferRouter:
         else:
             length_header = (b"inference-header-content-length", str(json_length).encode())
             headers = [_BINARY_TYPE, deployment.version_header, variant.header, length_header]
-        mirrored = (live, decoded.inputs, rows, result.outputs) if mirror and live else None
+        mirrored = (
+            (live, decoded.inputs, rows, result.outputs) if mirror and live and rows else None
+        )
         return _Served(
             headers, payload, deployment, result.observed, mirrored, variant.name, decoded.id
         )

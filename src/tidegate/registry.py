@@ -35,6 +35,7 @@ from tidegate.repository import (
     Fingerprint,
     ModelSource,
     VersionSource,
+    has_model_directory,
     load_reference,
     scan,
     scan_model,
@@ -345,24 +346,42 @@ class Registry:
             log.info("model %s serving versions %s", name, sorted(snapshot))
             return built
 
-    async def unload(self, name: str, version: str | None = None) -> None:
-        """Stops serving a model (or one version); in-flight requests finish first."""
+    async def unload(self, name: str, version: str | None = None) -> str | None:
+        """Stops serving a model (or one version); in-flight requests finish first.
+
+        Idempotent, as Triton's unload is ("unloading a model that is not loaded on
+        server has no affect and success code will be returned", tritonserver.h): a
+        retried or repeated unload must not fail, whether the model was unloaded by an
+        earlier call, by a rollout, or was never loaded, even under a name the
+        repository does not hold.
+
+        Returns:
+            None when it unloaded something; else why there was nothing to unload.
+
+        Raises:
+            NotFound: `version` is not a version number at all.
+        """
+        number = None if version is None else _parse_version(name, version)
         async with self._lock(name):
             versions = self._models.get(name)
-            if not versions:
-                raise NotFound(f"model '{name}' is not loaded")
-            if version is None:
+            if not versions or (number is not None and number not in versions):
+                return await self._nothing_to_unload(name, number)
+            if number is None:
                 del self._models[name]
             else:
-                number = _parse_version(name, version)
-                if number not in versions:
-                    raise NotFound(f"model '{name}' has no loaded version '{version}'")
                 remaining = {v: d for v, d in versions.items() if v != number}
                 if remaining:
                     self._models[name] = remaining
                 else:
                     del self._models[name]
             log.info("model %s unloaded (version %s)", name, version or "all")
+            return None
+
+    async def _nothing_to_unload(self, name: str, number: int | None) -> str:
+        which = f"model '{name}'" if number is None else f"model '{name}' version {number}"
+        if await asyncio.to_thread(has_model_directory, self.root, name):
+            return f"{which} is already unloaded"
+        return f"{which} is not loaded, nor in the repository: nothing to unload"
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)

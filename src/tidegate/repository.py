@@ -78,6 +78,17 @@ def _version_number(name: str) -> int | None:
     return number if number is not None and not name.startswith("0") else None
 
 
+def has_model_directory(root: Path, name: str) -> bool:
+    """Whether `name` is a valid model name with a directory in the repository (checked
+    before touching the file system: a name from a URL may be `..`)."""
+    return (
+        len(name) <= MAX_NAME_LENGTH
+        and MODEL_NAME.fullmatch(name) is not None
+        and not name.startswith(".")
+        and (root / name).is_dir()
+    )
+
+
 def scan_model(root: Path, name: str) -> ModelSource:
     """Reads one model's directory.
 
@@ -85,14 +96,9 @@ def scan_model(root: Path, name: str) -> ModelSource:
         NotFound: no such model directory, or no version holds a model file.
         ConfigError: config.toml is malformed or has an unknown key.
     """
-    directory = root / name
-    if (
-        len(name) > MAX_NAME_LENGTH
-        or not MODEL_NAME.fullmatch(name)
-        or name.startswith(".")
-        or not directory.is_dir()
-    ):
+    if not has_model_directory(root, name):
         raise NotFound(f"model '{name}' is not in the repository {root}")
+    directory = root / name
     config = load_model_config(directory / CONFIG_FILE)
     versions = {}
     for entry in directory.iterdir():

@@ -69,6 +69,33 @@ def _spec(path: Path, arg: ort.NodeArg) -> TensorSpec:
     return TensorSpec(arg.name, datatype, shape)
 
 
+def _empty_outputs(meta: ModelMetadata) -> dict[str, np.ndarray] | str:
+    """The outputs of a request of zero rows, built from the output metadata: each
+    output's batch dimension 0 and its other dimensions as declared. Or, when an output
+    has another dimension that only a run can tell, why there are none.
+
+    Why not run the session: whether onnxruntime accepts an empty batch depends on
+    the operators a converter emitted (of the shipped models, the ArrayFeatureExtractor
+    of digits and the StringNormalizer of dataset_topic refuse it; the others answer),
+    so clients would see one model answer and the next fail with onnxruntime's text.
+    Triton gives no rule to follow: its core reads a first dimension of 0 as "batch size
+    not set yet" (InferenceRequest::Normalize), so what happens is up to the backend. An
+    empty batch is a valid V2 tensor, and its answer is fixed by the metadata alone, so
+    every model gives it, the same way, at no cost."""
+    outputs = {}
+    for spec in meta.outputs:
+        if any(d < 0 for d in spec.shape[1:]):
+            return (
+                f"the request has 0 rows, and output '{spec.name}' has a dimension besides "
+                f"the batch that only a run can tell (shape {list(spec.shape)}): this model "
+                "cannot answer an empty batch; send at least one row"
+            )
+        array = np.empty((0, *spec.shape[1:]), dtype=spec.datatype.numpy)
+        array.flags.writeable = False  # shared by every empty request
+        outputs[spec.name] = array
+    return outputs
+
+
 class OnnxModel:
     """One loaded ONNX file: its session and the V2 metadata read from it."""
 
@@ -91,6 +118,7 @@ class OnnxModel:
             outputs=tuple(_spec(path, arg) for arg in self._session.get_outputs()),
         )
         self._output_names = [spec.name for spec in self.meta.outputs]
+        self._empty = _empty_outputs(self.meta) if self.meta.batched else None
         # Moving averages of a run's duration and of its rows: a cost model that errs
         # towards overestimating (see predicted_ns). Set by warm_up.
         self._mean_run_ns = float("inf")
@@ -111,6 +139,17 @@ class OnnxModel:
         self._mean_run_ns += _COST_WEIGHT * (elapsed - self._mean_run_ns)
         self._mean_rows += _COST_WEIGHT * (rows - self._mean_rows)
         return dict(zip(self._output_names, results, strict=True))
+
+    def empty_outputs(self) -> dict[str, np.ndarray]:
+        """The answer to a request of zero rows, without a run (see `_empty_outputs`).
+
+        Raises:
+            BadRequest: an output's size besides the batch is only known from a run, or
+                the model has no batch axis.
+        """
+        if isinstance(self._empty, dict):
+            return self._empty
+        raise BadRequest(self._empty or "the model has no batch axis for a request of 0 rows")
 
     def predicted_ns(self, rows: int) -> float:
         """How long a run of `rows` rows will take: the average run, scaled up (never

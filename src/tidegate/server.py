@@ -12,8 +12,8 @@ import uvicorn
 
 from tidegate.app import create_app
 from tidegate.config import ServerConfig
+from tidegate.connection import protocol_class
 from tidegate.errors import ConfigError
-from tidegate.httpproto import TidegateHttpProtocol
 from tidegate.jsonlog import configure_logging
 
 log = logging.getLogger("tidegate.server")
@@ -54,7 +54,8 @@ def serve(config: ServerConfig, *, access_log: bool = False, graceful_timeout: i
         host=config.host,
         port=config.port,
         loop="uvloop",
-        http=TidegateHttpProtocol,
+        # httptools, answering malformed and oversized requests in the V2 error format.
+        http=protocol_class(config.max_header_bytes, config.max_headers),
         lifespan="on",
         access_log=access_log,
         log_level=config.log_level,

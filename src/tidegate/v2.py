@@ -5,6 +5,7 @@ extensions. Thin: state lives in `registry`."""
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -201,22 +202,40 @@ class DataPlane:
         return json_response({})
 
     async def repository_unload(self, request: Request) -> Response:
+        """Unloads a model or one version; 200 with a message saying so when it was not
+        loaded (Triton's idempotent unload, see `Registry.unload`), audited as a no-op."""
         # tritonclient always sends unload_dependents; there are no ensembles to unload.
         version = await self._version_parameter(request, {"unload_dependents"})
         name = request.path_params["model"]
-        async with self._audited(request, "unload", name, version):
-            await self.registry.unload(name, version)
+        async with self._audited(request, "unload", name, version) as outcome:
+            nothing_done = await self.registry.unload(name, version)
+            if nothing_done is not None:
+                outcome.no_op(nothing_done)
+                return json_response({"message": nothing_done})
         return json_response({})
 
     @contextlib.asynccontextmanager
     async def _audited(
         self, request: Request, action: str, name: str, version: str | None
-    ) -> AsyncIterator[None]:
-        """Appends the action to the audit log, done or failed (with the error)."""
+    ) -> AsyncIterator["_Outcome"]:
+        """Appends the action to the audit log: done, a no-op (with why) or failed (with
+        the error)."""
         actor = request.scope.get(ACTOR_KEY, "anonymous")
+        outcome = _Outcome()
         try:
-            yield
+            yield outcome
         except TidegateError as exc:
             await self.audit(actor, action, name, "failed", exc.message, version=version)
             raise
-        await self.audit(actor, action, name, "done", "", version=version)
+        await self.audit(actor, action, name, outcome.outcome, outcome.reason, version=version)
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How an audited action ended, when it did not fail."""
+
+    outcome: str = "done"
+    reason: str = ""
+
+    def no_op(self, reason: str) -> None:
+        self.outcome, self.reason = "no-op", reason

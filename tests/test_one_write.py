@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from tidegate.httpproto import _OneWriteTransport
+from tidegate.connection import _OneWriteTransport
 
 SIZED_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -1,0 +1,226 @@
+"""The HTTP/1.1 connection: uvicorn's httptools protocol, with V2 errors and a bounded
+request head.
+
+uvicorn answers a request that httptools cannot parse with a plain-text 400 of its
+own ("Invalid HTTP request received."), and llhttp bounds neither the request line nor
+the headers: a client could make the server hold megabytes of them. `HttpProtocol`
+answers in the V2 error format instead, `{"error": ...}` naming what is wrong, and
+closes the connection, as uvicorn does:
+
+- malformed HTTP (an unknown method, a bad version, a bad character in the target or
+  a header, Content-Length with Transfer-Encoding, ...): 400 with llhttp's reason;
+- a request target longer than `max_header_bytes`: 414;
+- a head (target and header lines) over `max_header_bytes`, or more than
+  `max_headers` header fields: 431.
+
+The limits cost a request within them almost nothing: a few attribute writes per
+read and one comparison of its field count. A head that arrives within one read no
+larger than the byte limit cannot be over it; only a head that spans reads, or came in
+a larger read, has its bytes summed, in `on_headers_complete`, where uvicorn has the
+target and the fields in hand.
+
+While a head is still arriving, llhttp and uvicorn hold its bytes (a header line that
+never ends reaches uvicorn only when it does), so `data_received` also counts the
+bytes of every read that falls wholly inside a head and refuses the head once they pass
+twice the limit: memory stays bounded without a check per header (twice, since those
+bytes also hold the method, separators and line ends that the exact count leaves out).
+
+One write per response. uvicorn writes a response's status line and headers as soon
+as the application sends `http.response.start`, and its body when it sends
+`http.response.body`: two `send()` system calls and, with TCP_NODELAY, two segments.
+On loopback the first of them also runs the receiver's network stack and wake-up, and
+the pair was the largest single cost of a request at concurrency 1 (about 40 % of the
+event loop's busy samples in py-spy). `_OneWriteTransport` sits between uvicorn's
+request cycle and the real transport: it holds back a response head that announces a
+`content-length` (the whole body is known, so it follows at once) and writes it with
+the next write, the body. Anything else goes straight through: a chunked head (a
+streamed body may take its time), `100 Continue`, and every write while nothing is
+held. What is held is flushed when the response completes without a body write (HEAD)
+and before the transport closes, so no byte is lost or reordered.
+"""
+
+import asyncio
+import logging
+from http import HTTPStatus
+from typing import Any, ClassVar
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tidegate.errors import BadRequest, HeadersTooLarge, TidegateError, UriTooLong
+from tidegate.infer import error_parts
+
+log = logging.getLogger("tidegate.connection")
+
+_HEAD_PREFIX = b"HTTP/1.1 "
+_CONTINUE = b"HTTP/1.1 100 "
+_SIZED = b"\r\ncontent-length: "
+
+
+class _OneWriteTransport:
+    """The connection's transport, joining a sized response head to its body."""
+
+    __slots__ = ("_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif (
+            data.startswith(_HEAD_PREFIX)
+            and not data.startswith(_CONTINUE)
+            and data.endswith(b"\r\n\r\n")
+            and _SIZED in data
+        ):
+            self._held = data
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (get_extra_info, pause_reading, set_protocol, ...) as is.
+        return getattr(self._transport, name)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the V2 error format and bounded request heads.
+    Written against uvicorn 0.55's `HttpToolsProtocol`; `protocol_class` sets the limits.
+    """
+
+    max_header_bytes: ClassVar[int]
+    max_headers: ClassVar[int]
+
+    # The size of the read being parsed; per request: whether its head is still being
+    # read, whether it is known to fit (it began in a read no larger than the limit and
+    # no later read added to it), and the bytes of reads that fell wholly inside it.
+    _read_size = 0
+    _in_head = False
+    _fits = True
+    _head_reads = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_OneWriteTransport(transport))  # type: ignore[arg-type]
+
+    def on_response_complete(self) -> None:
+        transport = self.transport
+        if isinstance(transport, _OneWriteTransport):
+            transport.flush()  # a HEAD response, or a body-less one, wrote no body
+        super().on_response_complete()
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        self._read_size = len(data)
+        in_head = self._in_head
+        if in_head:
+            self._fits = False  # a head that spans reads gets counted
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:  # as uvicorn: tidegate serves no WebSocket
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            self._refuse(_refusal(exc))
+            return
+        if in_head and self._in_head:  # the whole read is part of one head
+            self._head_reads += len(data)
+            if self._head_reads > 2 * self.max_header_bytes:
+                self._refuse(self._head_error() or self._headers_too_large(""))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._fits = self._read_size <= self.max_header_bytes
+        self._head_reads = 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if not self._fits or len(self.headers) > self.max_headers:
+            error = self._head_error()
+            if error is not None:
+                raise error
+        super().on_headers_complete()
+
+    def _head_error(self) -> TidegateError | None:
+        """The 414 or 431 for the head read so far, if it is over the limits."""
+        if len(self.headers) > self.max_headers:
+            return HeadersTooLarge(
+                f"more than {self.max_headers} request header fields (--max-headers)"
+            )
+        size = len(self.url)
+        if size > self.max_header_bytes:
+            return UriTooLong(
+                f"the request target is longer than the limit of {self.max_header_bytes} "
+                "bytes for a request's head (--max-header-size)"
+            )
+        for name, value in self.headers:
+            size += len(name) + len(value) + 4  # ": " and the line end
+            if size > self.max_header_bytes:
+                return self._headers_too_large(f", at header '{_shown(name)}'")
+        return None
+
+    def _headers_too_large(self, where: str) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"request headers are larger than the limit of {self.max_header_bytes} bytes "
+            f"(--max-header-size){where}"
+        )
+
+    def _refuse(self, error: TidegateError) -> None:
+        """Answers `error` in the V2 format and closes the connection; written at once,
+        as uvicorn writes its own 400, since no request cycle exists to answer it."""
+        log.info("refused a request: %d %s", error.status, error.message)
+        status, headers, body = error_parts(error)
+        phrase = HTTPStatus(status).phrase
+        lines = [f"HTTP/1.1 {status} {phrase}".encode()]
+        for name, value in [*self.server_state.default_headers, *headers]:
+            lines.append(name + b": " + value)
+        lines += [b"content-length: %d" % len(body), b"connection: close", b"", body]
+        self.transport.write(b"\r\n".join(lines))
+        self.transport.close()
+
+
+def _refusal(exc: httptools.HttpParserError) -> TidegateError:
+    """The error to answer for a request httptools refused, or one of the callbacks
+    did (httptools raises a callback's exception as the context of its own)."""
+    cause = exc.__context__
+    if isinstance(cause, TidegateError):
+        return cause
+    if cause is None or isinstance(cause, httptools.HttpParserError):
+        return BadRequest(f"malformed HTTP request: {cause or exc}")
+    log.error("unexpected error parsing a request", exc_info=cause)  # a bug, not bad input
+    return TidegateError(f"internal error: {type(cause).__name__}: {cause}")
+
+
+def _shown(name: bytes) -> str:
+    return name[:64].decode("latin-1") + ("..." if len(name) > 64 else "")
+
+
+def protocol_class(max_header_bytes: int, max_headers: int) -> type[HttpProtocol]:
+    """`HttpProtocol` with the server's limits, for uvicorn's `http` option (which
+    builds the protocol itself, so the limits travel as class attributes)."""
+
+    class LimitedHttpProtocol(HttpProtocol):
+        pass
+
+    LimitedHttpProtocol.max_header_bytes = max_header_bytes
+    LimitedHttpProtocol.max_headers = max_headers
+    return LimitedHttpProtocol
