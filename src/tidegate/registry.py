@@ -12,6 +12,14 @@ released by reference counting once the last request holding it is done, so a
 swap drains without bookkeeping. Loads and unloads of the same model are
 serialised by a per-model lock; a failed load leaves the serving snapshot as it
 was and reports the error.
+
+Every change of a model's snapshot (a load, a reload that drops versions, an
+unload of the model or of one version) goes through `_serve`, which releases the
+versions it retires in one way: their drift monitors drop the served batches they
+hold. A model's outputs are onnxruntime's buffers, each keeping its session's
+memory arena alive, so until the observer's next drain every unloaded version
+kept its arena; under quick cycles that raised the heap to a level it never gave
+back (benchmarks/RESULTS.md).
 """
 
 import asyncio
@@ -115,6 +123,13 @@ def _rss_bytes() -> int | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return None
+
+
+def _release(monitors: list[DriftMonitor]) -> None:
+    """Lets go of what retired versions hold outside themselves (blocking: runs on a
+    worker thread)."""
+    for monitor in monitors:
+        monitor.close()
 
 
 def _build(source: ModelSource, version: VersionSource, executor: InferenceExecutor) -> Deployment:
@@ -329,18 +344,19 @@ class Registry:
                     for v in wanted
                     if reuse_unchanged and _unchanged(serving.get(v.version), source, v)
                 }
+                del serving  # what it retires is freed in _serve, not held by this frame
                 to_build = [v for v in wanted if v.version not in kept]
                 built = await asyncio.to_thread(
                     lambda: [_build(source, v, self._executor) for v in to_build]
                 )
-                _check_inputs(name, built, serving[max(serving)] if serving else None)
+                _check_inputs(name, built, self._highest(name))
             except BadRequest as exc:
                 self._problems[name] = exc.message
                 self.load_failures[name] = self.load_failures.get(name, 0) + 1
                 raise
             snapshot = dict(kept) if version is None else dict(self._models.get(name, {}))
             snapshot.update({d.version: d for d in built})
-            self._models[name] = snapshot
+            await self._serve(name, snapshot)
             self._problems.pop(name, None)
             log.info("model %s serving versions %s", name, sorted(snapshot))
             return built
@@ -351,18 +367,34 @@ class Registry:
             versions = self._models.get(name)
             if not versions:
                 raise NotFound(f"model '{name}' is not loaded")
-            if version is None:
-                del self._models[name]
-            else:
+            remaining: dict[int, Deployment] = {}
+            if version is not None:
                 number = _parse_version(name, version)
                 if number not in versions:
                     raise NotFound(f"model '{name}' has no loaded version '{version}'")
                 remaining = {v: d for v, d in versions.items() if v != number}
-                if remaining:
-                    self._models[name] = remaining
-                else:
-                    del self._models[name]
+            del versions  # what it retires is freed in _serve, not held by this frame
+            await self._serve(name, remaining)
             log.info("model %s unloaded (version %s)", name, version or "all")
+
+    async def _serve(self, name: str, snapshot: dict[int, Deployment]) -> None:
+        """Makes `snapshot` the model's versions (empty: the model is unloaded) and
+        releases the versions it retires (see the module doc). Called with the
+        model's lock held, by callers that hold no reference to what it retires."""
+        serving = self._models.get(name, {})
+        if snapshot:
+            self._models[name] = snapshot
+        else:
+            self._models.pop(name, None)
+        monitors = [
+            d.drift for v, d in serving.items() if snapshot.get(v) is not d and d.drift is not None
+        ]
+        del serving  # the retired versions' last reference, unless a request still holds one
+        await asyncio.to_thread(_release, monitors)
+
+    def _highest(self, name: str) -> Deployment | None:
+        versions = self._models.get(name)
+        return versions[max(versions)] if versions else None
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
