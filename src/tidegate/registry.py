@@ -16,13 +16,18 @@ was and reports the error.
 Every change of a model's snapshot (a load, a reload that drops versions, an
 unload of the model or of one version) goes through `_serve`, which releases the
 versions it retires in one way: their drift monitors drop the served batches they
-hold. A model's outputs are onnxruntime's buffers, each keeping its session's
-memory arena alive, so until the observer's next drain every unloaded version
-kept its arena; under quick cycles that raised the heap to a level it never gave
-back (benchmarks/RESULTS.md).
+hold (a model's outputs are onnxruntime's buffers, each keeping its session's
+memory arena alive), and once the versions are freed the C heap's free pages go
+back to the OS (malloc_trim). glibc serves a block from its heap instead of a
+mapping of its own once it has freed a mapped block as large (its mmap threshold
+rises, up to 32 MiB), so sessions' weights soon live in the heap, where freed they
+stayed resident: with 16 MiB of weights, 30 per-version
+cycles kept 70-200 MiB (benchmarks/RESULTS.md). The trim does not reach the free
+top of a thread's own heap, where one such block may stay.
 """
 
 import asyncio
+import ctypes
 import logging
 import os
 import threading
@@ -125,11 +130,20 @@ def _rss_bytes() -> int | None:
         return None
 
 
+def _trim_heap() -> None:
+    """Gives the C heap's free pages back to the OS: glibc's malloc_trim (under a
+    millisecond); nothing where the C library has none."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def _release(monitors: list[DriftMonitor]) -> None:
-    """Lets go of what retired versions hold outside themselves (blocking: runs on a
-    worker thread)."""
+    """Lets go of what retired versions hold outside themselves, then of the heap's
+    free pages (blocking: runs on a worker thread)."""
     for monitor in monitors:
         monitor.close()
+    _trim_heap()
 
 
 def _build(source: ModelSource, version: VersionSource, executor: InferenceExecutor) -> Deployment:
@@ -380,7 +394,8 @@ class Registry:
     async def _serve(self, name: str, snapshot: dict[int, Deployment]) -> None:
         """Makes `snapshot` the model's versions (empty: the model is unloaded) and
         releases the versions it retires (see the module doc). Called with the
-        model's lock held, by callers that hold no reference to what it retires."""
+        model's lock held, by callers that hold no reference to what it retires:
+        the heap is trimmed once they are freed."""
         serving = self._models.get(name, {})
         if snapshot:
             self._models[name] = snapshot
