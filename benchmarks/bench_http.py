@@ -190,9 +190,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(port: int) -> subprocess.Popen[bytes]:
+def start_server(port: int, repository: Path = MODELS) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tidegate", "serve", str(MODELS), "--port", str(port)],
+        [sys.executable, "-m", "tidegate", "serve", str(repository), "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -1,10 +1,11 @@
 """Tiny ONNX models built in the tests, for what the shipped models do not cover."""
 
+import itertools
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -113,4 +114,26 @@ def log_and_reciprocal(datatype: str = "FP32") -> onnx.ModelProto:
             helper.make_tensor_value_info("log", kind, ["batch", 3]),
             helper.make_tensor_value_info("inverse", kind, ["batch", 3]),
         ],
+    )
+
+
+def dense(widths: list[int], seed: int = 0) -> onnx.ModelProto:
+    """A classifier of dense layers through `widths` (ReLU between them, softmax last):
+    with wide layers, a model whose weights are large blocks of memory."""
+    rng = np.random.default_rng(seed)
+    nodes, weights, previous = [], [], "input"
+    for i, (rows, columns) in enumerate(itertools.pairwise(widths)):
+        weight = (rng.standard_normal((rows, columns)) / np.sqrt(rows)).astype(np.float32)
+        weights.append(numpy_helper.from_array(weight, f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"]))
+        previous = f"h{i}"
+        if i < len(widths) - 2:
+            nodes.append(helper.make_node("Relu", [previous], [f"r{i}"]))
+            previous = f"r{i}"
+    nodes.append(helper.make_node("Softmax", [previous], ["probabilities"], axis=1))
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", widths[0]])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", widths[-1]])],
+        weights,
     )

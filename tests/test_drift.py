@@ -191,6 +191,25 @@ def test_reference_from_the_first_rows_served():
         np.testing.assert_array_equal(getattr(served, part), getattr(given, part))
 
 
+def test_a_closed_monitor_holds_no_served_batches():
+    """An unloaded version's monitor lets go of the rows it collected for its reference
+    and the batches waiting for the observer (onnxruntime's buffers, among them)."""
+    spec = _spec("x", 3)
+    batch = {"x": np.ones((50, 3), dtype=np.float32)}
+    monitor = DriftMonitor(
+        DriftConfig(reference_rows=200),
+        FeatureMap.for_tensors((spec,), batch),
+        FeatureMap((), ()),
+        (),
+        0,
+    )
+    monitor.observe(batch, {}, 0.0)
+    assert monitor.pending.append([batch["x"]], capacity=8, max_bytes=1 << 20)
+    monitor.close()
+    assert len(monitor.pending) == 0
+    assert monitor.report(0.0)["reference"] == {"source": "served", "rows": 0}
+
+
 def test_feature_map_profiles_images_by_channel_and_text_by_length():
     image = TensorSpec("image", FP32, (-1, 3, 4, 4))
     text = TensorSpec("text", DATATYPES["BYTES"], (-1, 1))

@@ -1,6 +1,8 @@
 """Failed loads leave the serving version alone; load/unload cycles give memory back."""
 
+import re
 import shutil
+import statistics
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -120,3 +122,48 @@ def test_load_unload_cycles_give_memory_back(models_dir: Path, start_server):
     index = live.client.post("/v2/repository/index").json()
     (digits,) = [row for row in index if row["name"] == "digits"]
     assert isinstance(digits["memory_bytes"], int)
+
+
+def _served_versions(metrics: str, model: str) -> set[str]:
+    """The versions of `model` that have series in a /metrics page."""
+    return set(re.findall(rf'model="{model}",version="(\d+)"', metrics))
+
+
+def test_per_version_cycles_give_memory_back(tmp_path: Path, start_server):
+    """Under policy "all", each cycle loads version N+1 by number beside N, sends it a
+    request and unloads N by number: the unloaded versions' memory goes back."""
+    repo = tmp_path / "models"
+    onnx_models.save(onnx_models.dense([64, 2048, 2048, 10]), repo, "mlp")  # 16 MiB of weights
+    (repo / "mlp" / "config.toml").write_text('[versions]\npolicy = "all"\n')
+    live: LiveServer = start_server(repo)
+    assert live.client.post("/v2/models/mlp/infer", json=ZEROS).status_code == 200
+    rss = {0: _rss_bytes(live.process.pid)}
+    for cycle in range(1, 31):
+        old, new = str(cycle), str(cycle + 1)
+        shutil.copytree(repo / "mlp" / old, repo / "mlp" / new)
+        load = live.client.post("/v2/repository/models/mlp/load", json=_version(new))
+        assert load.status_code == 200, load.text
+        served = live.client.post("/v2/models/mlp/infer", json=ZEROS)
+        assert served.headers["tidegate-model-version"] == new
+        unload = live.client.post("/v2/repository/models/mlp/unload", json=_version(old))
+        assert unload.status_code == 200, unload.text
+        shutil.rmtree(repo / "mlp" / old)  # the disk holds two versions, not thirty
+        rss[cycle] = _rss_bytes(live.process.pid)
+    # Before the fix each cycle could leave a freed 16 MiB block resident: the median
+    # from cycle 10 on was 30-60 % above the start. One block (6-7 %) may stay on top
+    # of a loader thread's heap, where malloc_trim does not reach; more must not.
+    mib = {cycle: round(size / 2**20, 1) for cycle, size in rss.items()}
+    later = [rss[cycle] for cycle in range(10, 31)]
+    assert statistics.median(later) <= rss[0] * 1.05, mib
+    assert max(later) <= rss[0] * 1.10, mib
+    # Nothing of the unloaded versions is left to read.
+    assert live.client.get("/v2/models/mlp").json()["versions"] == ["31"]
+    for path in ("stats", "drift", "ready"):
+        assert live.client.get(f"/v2/models/mlp/versions/30/{path}").status_code == 404
+    stats = live.client.get("/v2/models/stats").json()["model_stats"]
+    assert [s["version"] for s in stats if s["name"] == "mlp"] == ["31"]
+    assert _served_versions(live.client.get("/metrics").text, "mlp") == {"31"}
+
+
+def _version(number: str) -> dict[str, object]:
+    return {"parameters": {"version": number}}

@@ -7,11 +7,13 @@ import sys
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests import onnx_models
 from tidegate.errors import NotFound
 from tidegate.executor import InferenceExecutor
+from tidegate.observer import DriftObserver
 from tidegate.registry import Registry
 
 
@@ -46,6 +48,38 @@ def test_a_swap_replaces_the_snapshot_at_once(models_dir: Path):
     assert registry.resolve("digits", "2") is not old
 
 
+@pytest.mark.parametrize(
+    "retire",
+    [
+        lambda registry: registry.unload("digits", "1"),
+        lambda registry: registry.unload("digits"),
+        lambda registry: registry.load("digits"),  # the policy (latest) drops version 1
+    ],
+    ids=["unload-version", "unload-model", "reload"],
+)
+def test_a_retired_version_lets_go_of_its_served_batches(models_dir: Path, retire):
+    """Batches waiting for the drift observer hold onnxruntime's output buffers, which
+    keep the session's memory arena alive: a version that stops serving drops them,
+    however it stops, and one that goes on serving keeps its own."""
+    shutil.copytree(models_dir / "digits" / "1", models_dir / "digits" / "2")
+    registry = _loaded(models_dir)
+    asyncio.run(registry.load("digits", "1"))
+    observer = DriftObserver()  # not started: what is submitted waits
+    monitors = {}
+    for version in ("1", "2"):
+        deployment = registry.resolve("digits", version)
+        inputs = {"input": np.zeros((1, 64), np.float32)}
+        observer.submit(deployment.drift, inputs, deployment.model.run(inputs))
+        monitors[version] = deployment.drift
+    del deployment
+    asyncio.run(retire(registry))
+    for version, monitor in monitors.items():
+        serving = registry.get("digits", int(version))
+        # A reload builds version 2 anew: the old build is retired too.
+        still = serving is not None and serving.drift is monitor
+        assert len(monitor.pending) == int(still), version
+
+
 def test_latest_n_policy(models_dir: Path):
     for version in (2, 3):
         shutil.copytree(models_dir / "digits" / "1", models_dir / "digits" / str(version))
@@ -61,6 +95,7 @@ _LOAD_AND_REPORT_NUMBA = """
 import asyncio, sys
 from pathlib import Path
 from tidegate.executor import InferenceExecutor
+from tidegate.observer import DriftObserver
 from tidegate.registry import Registry
 registry = Registry(Path(sys.argv[1]), InferenceExecutor(1))
 asyncio.run(registry.load_all())

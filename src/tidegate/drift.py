@@ -517,6 +517,16 @@ class DriftMonitor:
     def ready(self) -> bool:
         return self.input_profile is not None or self.output_profile is not None
 
+    def close(self) -> None:
+        """Drops the served batches it holds, waiting or collected for the reference
+        (blocking: takes the lock). Called when its version is unloaded: a model's
+        outputs are onnxruntime's own buffers, and each one keeps the memory arena of
+        the session that made it alive, session unloaded or not."""
+        self.pending.take()
+        with self.lock:
+            self._collected.clear()
+            self._collected_rows = 0
+
     def set_reference(
         self, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], source: str
     ) -> None:

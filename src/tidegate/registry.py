@@ -12,9 +12,22 @@ released by reference counting once the last request holding it is done, so a
 swap drains without bookkeeping. Loads and unloads of the same model are
 serialised by a per-model lock; a failed load leaves the serving snapshot as it
 was and reports the error.
+
+Every change of a model's snapshot (a load, a reload that drops versions, an
+unload of the model or of one version) goes through `_serve`, which releases the
+versions it retires in one way: their drift monitors drop the served batches they
+hold (a model's outputs are onnxruntime's buffers, each keeping its session's
+memory arena alive), and once the versions are freed the C heap's free pages go
+back to the OS (malloc_trim). glibc serves a block from its heap instead of a
+mapping of its own once it has freed a mapped block as large (its mmap threshold
+rises, up to 32 MiB), so sessions' weights soon live in the heap, where freed they
+stayed resident: with 16 MiB of weights, 30 per-version
+cycles kept 70-200 MiB (benchmarks/RESULTS.md). The trim does not reach the free
+top of a thread's own heap, where one such block may stay.
 """
 
 import asyncio
+import ctypes
 import logging
 import os
 import threading
@@ -116,6 +129,22 @@ def _rss_bytes() -> int | None:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return None
+
+
+def _trim_heap() -> None:
+    """Gives the C heap's free pages back to the OS: glibc's malloc_trim (under a
+    millisecond); nothing where the C library has none."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+def _release(monitors: list[DriftMonitor]) -> None:
+    """Lets go of what retired versions hold outside themselves, then of the heap's
+    free pages (blocking: runs on a worker thread)."""
+    for monitor in monitors:
+        monitor.close()
+    _trim_heap()
 
 
 def _build(source: ModelSource, version: VersionSource, executor: InferenceExecutor) -> Deployment:
@@ -330,18 +359,19 @@ class Registry:
                     for v in wanted
                     if reuse_unchanged and _unchanged(serving.get(v.version), source, v)
                 }
+                del serving  # what it retires is freed in _serve, not held by this frame
                 to_build = [v for v in wanted if v.version not in kept]
                 built = await asyncio.to_thread(
                     lambda: [_build(source, v, self._executor) for v in to_build]
                 )
-                _check_inputs(name, built, serving[max(serving)] if serving else None)
+                _check_inputs(name, built, self._highest(name))
             except BadRequest as exc:
                 self._problems[name] = exc.message
                 self.load_failures[name] = self.load_failures.get(name, 0) + 1
                 raise
             snapshot = dict(kept) if version is None else dict(self._models.get(name, {}))
             snapshot.update({d.version: d for d in built})
-            self._models[name] = snapshot
+            await self._serve(name, snapshot)
             self._problems.pop(name, None)
             log.info("model %s serving versions %s", name, sorted(snapshot))
             return built
@@ -366,14 +396,11 @@ class Registry:
             versions = self._models.get(name)
             if not versions or (number is not None and number not in versions):
                 return await self._nothing_to_unload(name, number)
-            if number is None:
-                del self._models[name]
-            else:
+            remaining: dict[int, Deployment] = {}
+            if number is not None:
                 remaining = {v: d for v, d in versions.items() if v != number}
-                if remaining:
-                    self._models[name] = remaining
-                else:
-                    del self._models[name]
+            del versions  # what it retires is freed in _serve, not held by this frame
+            await self._serve(name, remaining)
             log.info("model %s unloaded (version %s)", name, version or "all")
             return None
 
@@ -382,6 +409,26 @@ class Registry:
         if await asyncio.to_thread(has_model_directory, self.root, name):
             return f"{which} is already unloaded"
         return f"{which} is not loaded, nor in the repository: nothing to unload"
+
+    async def _serve(self, name: str, snapshot: dict[int, Deployment]) -> None:
+        """Makes `snapshot` the model's versions (empty: the model is unloaded) and
+        releases the versions it retires (see the module doc). Called with the
+        model's lock held, by callers that hold no reference to what it retires:
+        the heap is trimmed once they are freed."""
+        serving = self._models.get(name, {})
+        if snapshot:
+            self._models[name] = snapshot
+        else:
+            self._models.pop(name, None)
+        monitors = [
+            d.drift for v, d in serving.items() if snapshot.get(v) is not d and d.drift is not None
+        ]
+        del serving  # the retired versions' last reference, unless a request still holds one
+        await asyncio.to_thread(_release, monitors)
+
+    def _highest(self, name: str) -> Deployment | None:
+        versions = self._models.get(name)
+        return versions[max(versions)] if versions else None
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)
