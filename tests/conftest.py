@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -31,7 +31,12 @@ class LiveServer:
     """A `tidegate serve` subprocess on a free loopback port, stopped by its PID."""
 
     def __init__(
-        self, repository: Path, *extra: str, log_path: Path, probe_token: str | None = None
+        self,
+        repository: Path,
+        *extra: str,
+        log_path: Path,
+        probe_token: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -51,7 +56,7 @@ class LiveServer:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.client = httpx.Client(base_url=self.base, timeout=30)
         # With an auth file, health needs a reader's token; the client sends none itself.
@@ -124,9 +129,14 @@ def start_server(tmp_path: Path) -> Iterator[type[LiveServer]]:
     """Starts servers for one test (any options) and stops them after it."""
     started: list[LiveServer] = []
 
-    def start(repository: Path, *extra: str, probe_token: str | None = None) -> LiveServer:
+    def start(
+        repository: Path,
+        *extra: str,
+        probe_token: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> LiveServer:
         log_path = tmp_path / f"server{len(started)}.log"
-        live = LiveServer(repository, *extra, log_path=log_path, probe_token=probe_token)
+        live = LiveServer(repository, *extra, log_path=log_path, probe_token=probe_token, env=env)
         started.append(live)
         return live
 
