@@ -6,19 +6,24 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 REPO ?= models
 
-.PHONY: install install-test install-bench serve test check format bench models clean
+.PHONY: install install-test install-bench kernels serve test check format bench models clean
 
-# The stamp files re-run pip only when pyproject.toml changes.
+# The stamp files re-run pip only when pyproject.toml changes. Each install also compiles
+# the drift kernels ahead of time (`tidegate kernels build`, into the kernel cache), so
+# the first serve loads them instead of building them; without a C compiler that step
+# fails (ignored: `-`) and servers run Numba's JIT instead, at ~120 MiB more each.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e .
+	-$(BIN)/tidegate kernels build
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e '.[test]'
+	-$(BIN)/tidegate kernels build
 	touch $@
 
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
@@ -28,6 +33,10 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 install-bench: $(VENV)/.installed-bench
+
+# Again, e.g. after a change to the kernels (the cache key changes with their source).
+kernels: install
+	$(BIN)/tidegate kernels build
 
 serve: install
 	$(BIN)/tidegate serve $(REPO) --host $(HOST) --port $(PORT)

@@ -109,6 +109,18 @@ def serving_a_copy(root: Path) -> Iterator[LiveServer]:
         live.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _drift_kernels_built() -> None:
+    """The drift kernels compiled ahead of time before any server starts: a first build
+    takes 15-30 s, which a server's start-up (ready within 60 s) should not have to fit.
+    Without a C compiler servers fall back to Numba's JIT, and the tests of the
+    extension fail and say why. A no-op once the kernel cache holds this build."""
+    from tidegate import kernel_backend
+
+    with contextlib.suppress(kernel_backend.KernelBuildError):
+        kernel_backend.build()
+
+
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
     """A private copy of the shipped repository that a test may change."""
