@@ -93,10 +93,19 @@ def test_a_complete_build_is_reused_and_concurrent_builds_build_once(
     assert len(calls) == 2
 
 
-def test_a_directory_without_a_manifest_is_built_again(
+def test_a_cache_it_cannot_write_is_a_build_error(tmp_path: Path):
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the directory should be")
+    with pytest.raises(KernelBuildError, match="kernel cache"):
+        kernel_backend.build(cache)
+
+
+def test_what_a_killed_build_left_is_cleared_and_built_again(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    (tmp_path / kernel_backend.cache_key()).mkdir()  # what a killed build leaves
+    key = kernel_backend.cache_key()
+    (tmp_path / key).mkdir()  # no manifest: not a build
+    (tmp_path / f"{key}.abc123.tmp").mkdir()  # a killed build's scratch directory
     calls: list[str] = []
 
     def build_into(final: Path, parts: dict[str, str]) -> None:
@@ -106,6 +115,7 @@ def test_a_directory_without_a_manifest_is_built_again(
     monkeypatch.setattr(kernel_backend, "_build_into", build_into)
     kernel_backend.build(tmp_path)
     assert len(calls) == 1
+    assert not (tmp_path / f"{key}.abc123.tmp").exists()
 
 
 def test_a_build_without_a_compiler_fails_fast_and_says_why(

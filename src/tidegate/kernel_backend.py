@@ -221,12 +221,16 @@ def build(root: Path | None = None, *, force: bool = False) -> Path:
         return final
     try:
         root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise KernelBuildError(f"cannot create the kernel cache {root}: {exc}") from exc
-    with _locked(root / f"{final.name}.lock"):
-        if not force and _manifest(final) is not None:
-            return final  # another process built it while this one waited
-        _build_into(final, parts)
+        with _locked(root / f"{final.name}.lock"):
+            if not force and _manifest(final) is not None:
+                return final  # another process built it while this one waited
+            # Holding the lock, no other process builds this key: its scratch
+            # directories are what killed builds left.
+            for stale in root.glob(f"{final.name}.*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            _build_into(final, parts)
+    except OSError as exc:  # a cache this user cannot write, a full disk
+        raise KernelBuildError(f"kernel cache {root}: {exc}") from exc
     return final
 
 
