@@ -9,8 +9,12 @@ REPO ?= models
 CONSTRAINTS := constraints.txt
 PIP := $(BIN)/python -m pip install -c $(CONSTRAINTS)
 
-.PHONY: install install-test install-bench serve test check format bench models lock clean
+.PHONY: install install-test install-bench kernels serve test check format bench models lock clean
 
+# Each install also compiles the drift kernels ahead of time (`tidegate kernels build`,
+# into the kernel cache), so the first serve loads them instead of building them; without
+# a C compiler that step fails (ignored: `-`) and servers run Numba's JIT instead, at
+# ~120 MiB more each.
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -20,21 +24,28 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(PIP) pip
 	$(PIP) -e .
+	-$(BIN)/tidegate kernels build
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(PIP) pip
 	$(PIP) -e '.[test]'
+	-$(BIN)/tidegate kernels build
 	touch $@ $(VENV)/.installed
 
 $(VENV)/.installed-bench: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(PIP) pip
 	$(PIP) -e '.[bench]'
+	-$(BIN)/tidegate kernels build
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 install-bench: $(VENV)/.installed-bench
+
+# Again, e.g. after a change to the kernels (the cache key changes with their source).
+kernels: install
+	$(BIN)/tidegate kernels build
 
 serve: install
 	$(BIN)/tidegate serve $(REPO) --host $(HOST) --port $(PORT)

@@ -8,6 +8,8 @@ state from the same float32 batch; both results are checked equal first. Edges
 are the 1/16..15/16 quantiles of 100,000 standard-normal reference rows; batches
 are standard normal. Times are the median of many calls, in ns per value (one
 core). `update_argmax` is timed the same way against numpy's argmax + bincount.
+The same kernels compiled ahead of time (kernel_backend.aot(): the extension servers
+load, called through its wrappers' argument checks) are timed beside the JIT's.
 Last, `warm_up()` is timed in fresh processes: with an empty NUMBA_CACHE_DIR
 (compiles) and again on the cache it wrote (loads).
 
@@ -26,7 +28,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from tidegate import kernels
+from tidegate import kernel_backend, kernels
 from tidegate.drift import Window
 
 FEATURES = 64
@@ -118,10 +120,14 @@ def main(calls: int) -> None:
         reference_rows.mean(axis=0),
     )
     kernels.warm_up()
+    aot = kernel_backend.aot()
 
     print(f"numba {numba.__version__}, numpy {np.__version__}, one thread, float32 batches\n")
-    print("| kernel | batch | numba ns/value | numba us/call | numpy ns/value | speed-up |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "| kernel | batch | numba ns/value | numba us/call | AOT us/call | numpy ns/value "
+        "| speed-up |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for rows, features in SHAPES:
         x = rng.standard_normal((rows, features)).astype(np.float32)
         ours, theirs = fresh_state(), fresh_state()
@@ -133,6 +139,10 @@ def main(calls: int) -> None:
             lambda: kernels.update_features(x, *reference, *(ours[k] for k in STATE)),  # noqa: B023
             count,
         )
+        aot_ns = median_ns(
+            lambda: aot.update_features(x, *reference, *(ours[k] for k in STATE)),  # noqa: B023
+            count,
+        )
         numpy_ns = median_ns(
             lambda: numpy_update(x, *reference, *(theirs[k] for k in STATE)),  # noqa: B023
             max(100, count // 10),
@@ -140,7 +150,8 @@ def main(calls: int) -> None:
         values = rows * features
         print(
             f"| update_features | {rows} x {features} | {numba_ns / values:.2f} | "
-            f"{numba_ns / 1000:.2f} | {numpy_ns / values:.1f} | {numpy_ns / numba_ns:.0f}x |"
+            f"{numba_ns / 1000:.2f} | {aot_ns / 1000:.2f} | {numpy_ns / values:.1f} | "
+            f"{numpy_ns / numba_ns:.0f}x |"
         )
 
     p = rng.dirichlet(np.ones(CLASSES), size=256).astype(np.float32)
@@ -151,10 +162,11 @@ def main(calls: int) -> None:
     np.testing.assert_array_equal(ours_counts, theirs_counts)
     np.testing.assert_allclose(ours_sum, theirs_sum, rtol=1e-9)
     numba_ns = median_ns(lambda: kernels.update_argmax(p, ours_counts, ours_sum), calls)
+    aot_ns = median_ns(lambda: aot.update_argmax(p, ours_counts, ours_sum), calls)
     numpy_ns = median_ns(lambda: numpy_argmax(p, theirs_counts, theirs_sum), calls // 10)
     print(
         f"| update_argmax | 256 x {CLASSES} | {numba_ns / p.size:.2f} | {numba_ns / 1000:.2f} | "
-        f"{numpy_ns / p.size:.1f} | {numpy_ns / numba_ns:.0f}x |"
+        f"{aot_ns / 1000:.2f} | {numpy_ns / p.size:.1f} | {numpy_ns / numba_ns:.0f}x |"
     )
 
     with tempfile.TemporaryDirectory() as cache:

@@ -324,12 +324,19 @@ def _spawn(
         return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def spawn_tidegate(repo: Path, log: Path, *extra: str, batching: bool = True) -> Server:
-    """`python -m tidegate serve REPO` (this interpreter) on a free loopback port."""
+def spawn_tidegate(
+    repo: Path,
+    log: Path,
+    *extra: str,
+    batching: bool = True,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """`python -m tidegate serve REPO` (this interpreter) on a free loopback port, with
+    `env` added to this process's environment."""
     port = free_port()
     command = [sys.executable, "-m", "tidegate", "serve", str(repo), "--host", "127.0.0.1"]
     command += ["--port", str(port), *extra]
-    process = _spawn(command, log.parent, log, dict(os.environ))
+    process = _spawn(command, log.parent, log, {**os.environ, **(env or {})})
     return Server("tidegate", batching, port, process, log)
 
 

@@ -2,10 +2,10 @@
 
 `make lock` runs this with the interpreter of a fresh, temporary virtual environment
 in which pip has just installed `.[test,bench]` (every extra) without constraints.
-It pins each installed distribution (pip included, so the pip that installs is pinned
-too) except tidegate itself and setuptools, which comes with Python's venv module and
-is not installed by us. A marker that pyproject.toml puts on one of tidegate's own
-dependencies (uvloop: not on Windows) is kept on its pin.
+It pins each installed distribution but tidegate itself: pip, so the pip that installs
+is pinned too, and setuptools, which Python's venv module brings and the drift
+kernels' ahead-of-time build needs. A marker that pyproject.toml puts on one of
+tidegate's own dependencies (uvloop: not on Windows) is kept on its pin.
 
 pip only applies a constraint to a package an install needs, so one file serves
 `make install`, `make install-test` and `make install-bench` alike.
@@ -20,7 +20,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SKIP = {"tidegate", "setuptools"}
+SKIP = {"tidegate"}
 
 HEADER = """\
 # Exact versions of every package tidegate's installs use: `make install`,
@@ -30,7 +30,7 @@ HEADER = """\
 #
 # Made by `make lock` (scripts/lock.py): a fresh Python {python} venv on {platform},
 # `pip install '.[test,bench]'` without constraints, then every installed version but
-# tidegate's and setuptools'. Refresh it with `make lock`, run `make test`, and commit
+# tidegate's. Refresh it with `make lock`, run `make test`, and commit
 # it with what changed. Do not edit it by hand.
 """
 

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import httpx
@@ -31,7 +31,12 @@ class LiveServer:
     """A `tidegate serve` subprocess on a free loopback port, stopped by its PID."""
 
     def __init__(
-        self, repository: Path, *extra: str, log_path: Path, probe_token: str | None = None
+        self,
+        repository: Path,
+        *extra: str,
+        log_path: Path,
+        probe_token: str | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"
@@ -51,7 +56,7 @@ class LiveServer:
             ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
         self.client = httpx.Client(base_url=self.base, timeout=30)
         # With an auth file, health needs a reader's token; the client sends none itself.
@@ -104,6 +109,18 @@ def serving_a_copy(root: Path) -> Iterator[LiveServer]:
         live.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _drift_kernels_built() -> None:
+    """The drift kernels compiled ahead of time before any server starts: a first build
+    takes 15-30 s, which a server's start-up (ready within 60 s) should not have to fit.
+    Without a C compiler servers fall back to Numba's JIT, and the tests of the
+    extension fail and say why. A no-op once the kernel cache holds this build."""
+    from tidegate import kernel_backend
+
+    with contextlib.suppress(kernel_backend.KernelBuildError):
+        kernel_backend.build()
+
+
 @pytest.fixture
 def models_dir(tmp_path: Path) -> Path:
     """A private copy of the shipped repository that a test may change."""
@@ -124,9 +141,14 @@ def start_server(tmp_path: Path) -> Iterator[type[LiveServer]]:
     """Starts servers for one test (any options) and stops them after it."""
     started: list[LiveServer] = []
 
-    def start(repository: Path, *extra: str, probe_token: str | None = None) -> LiveServer:
+    def start(
+        repository: Path,
+        *extra: str,
+        probe_token: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> LiveServer:
         log_path = tmp_path / f"server{len(started)}.log"
-        live = LiveServer(repository, *extra, log_path=log_path, probe_token=probe_token)
+        live = LiveServer(repository, *extra, log_path=log_path, probe_token=probe_token, env=env)
         started.append(live)
         return live
 

@@ -73,7 +73,11 @@ def test_each_command_and_option_shown_exists(page: str, command: str, options: 
     assert command in main.commands, f"{page}: 'tidegate {command}' is not a command"
     cli_command = main.commands[command]
     known = {"--help"}
-    for param in cli_command.params:
+    # A group's options are those of its subcommands too (`tidegate kernels build --force`).
+    commands = [cli_command]
+    if isinstance(cli_command, click.Group):
+        commands += cli_command.commands.values()
+    for param in (param for each in commands for param in each.params):
         if isinstance(param, click.Option):
             known.update(param.opts + param.secondary_opts)
     unknown = [option for option in options if option not in known]

@@ -82,6 +82,67 @@ def test_reference_traffic_is_quiet_and_a_shift_is_named(models_dir: Path, start
     assert samples["tidegate_drift_psi", psi_labels] == pytest.approx(first["psi"], rel=1e-3)
 
 
+def _numba_or_llvm_mapped(live: LiveServer) -> list[str]:
+    """numba's and llvmlite's shared libraries that the server process has mapped: what
+    importing numba loads (its _helperlib, llvmlite's libllvmlite), seen from outside."""
+    maps = Path(f"/proc/{live.process.pid}/maps").read_text().splitlines()
+    paths = {line.split(maxsplit=5)[-1] for line in maps if line.count(" ") >= 5}
+    return sorted(p for p in paths if "/numba/" in p or "/llvmlite/" in p)
+
+
+def _close(a: object, b: object) -> bool:
+    """Equal, floats within 1e-9 relative: the same report from two servers."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    return a == b
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/PID/maps")
+def test_drift_runs_without_numba_and_falls_back_to_it_when_it_cannot_be_built(
+    models_dir: Path, tmp_path: Path, start_server
+):
+    # Decay so slow that when each server's epochs close makes no difference.
+    config = models_dir / "breast_cancer" / "config.toml"
+    config.write_text(config.read_text() + "\n[drift]\nhalf_life = 1000000000000000\n")
+    aot: LiveServer = start_server(models_dir, "--state-dir", str(tmp_path / "aot"))
+    # No C compiler (distutils compiles with $CC) and an empty kernel cache: the build
+    # fails and the server runs Numba's JIT, saying so.
+    no_compiler = {"CC": "/bin/false", "CXX": "/bin/false"}
+    jit: LiveServer = start_server(
+        models_dir,
+        "--state-dir",
+        str(tmp_path / "jit"),
+        env={**no_compiler, "TIDEGATE_KERNEL_CACHE": str(tmp_path / "empty-cache")},
+    )
+    assert "drift kernels: ahead of time, from " in aot.log()
+    assert "the ahead-of-time build is not available (" in jit.log()
+    assert "no working C/C++ compiler" in jit.log()
+
+    reference = reference_rows(BREAST_CANCER, 426)["input"]
+    shifted = reference.copy()
+    shifted[:, 0] += 0.5 * reference[:, 0].std()
+    reports = []
+    for live in (aot, jit):
+        _send(live, "breast_cancer/versions/1", np.concatenate([shifted, shifted]))
+        reports.append(_report_after(live, "breast_cancer/versions/1", 852))
+    from_aot, from_jit = reports
+    assert (from_aot.pop("kernels"), from_jit.pop("kernels")) == ("aot", "jit")
+    assert _close(from_aot, from_jit), (from_aot["summary"], from_jit["summary"])
+    assert [row["name"] for row in from_aot["inputs"] if row["verdict"] == "drift"] == ["input[0]"]
+    assert from_aot["inputs"][0]["mean_shift_sigma"] == pytest.approx(0.5, abs=0.05)
+
+    assert _numba_or_llvm_mapped(aot) == []
+    assert any("libllvmlite" in path for path in _numba_or_llvm_mapped(jit))
+    for live, backend in ((aot, "aot"), (jit, "jit")):
+        families = text_string_to_metric_families(live.client.get("/metrics").text)
+        (info,) = [f for f in families if f.name == "tidegate_drift_kernels_info"]
+        assert [(s.labels, s.value) for s in info.samples] == [({"backend": backend}, 1.0)]
+
+
 def test_text_model_and_first_rows_as_reference(models_dir: Path, start_server):
     (models_dir / "digits" / "1" / "reference.npz").unlink()
     (models_dir / "digits" / "config.toml").write_text("[drift]\nreference_rows = 100\n")

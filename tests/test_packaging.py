@@ -17,6 +17,9 @@ def test_dockerfile_installs_with_the_makefile_and_runs_unprivileged():
     assert "useradd" in dockerfile
     assert re.search(r"^HEALTHCHECK .*\n?.*/v2/health/ready", dockerfile, re.MULTILINE)
     assert "NUMBA_CACHE_DIR=" in dockerfile
+    # The drift kernels are compiled ahead of time in the image, and a failure fails it.
+    assert re.search(r"^\s*&& tidegate kernels build$", dockerfile, re.MULTILINE)
+    assert "g++" in dockerfile
     assert "chown -R tidegate:tidegate /var/cache/tidegate" in dockerfile
     assert "COPY models ./models" in dockerfile
     # The container binds every interface, so it must not serve without access control.
@@ -32,6 +35,8 @@ def test_make_targets_do_their_own_setup():
     assert re.search(r"^serve: install$", makefile, re.MULTILINE)
     assert re.search(r"^test: check$", makefile, re.MULTILINE)
     assert re.search(r"^check: install-test$", makefile, re.MULTILINE)
+    # Installs compile the drift kernels ahead of time; no compiler is not an install error.
+    assert makefile.count("\t-$(BIN)/tidegate kernels build\n") == 3
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 

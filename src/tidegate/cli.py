@@ -420,6 +420,34 @@ def make_token(name: str, roles: tuple[str, ...]) -> None:
     click.echo(f'\n[tokens."{name}"]\nsha256 = "{hash_token(secret)}"\nroles = [{listed}]')
 
 
+@click.group(short_help="Build the drift kernels ahead of time.")
+def kernels() -> None:
+    """The drift kernels, compiled ahead of time so that servers run them without Numba."""
+
+
+@kernels.command("build", short_help="Compile the drift kernels for this machine.")
+@click.option("--force", is_flag=True, help="Build again even if the cache holds a build.")
+def build_kernels(force: bool) -> None:
+    """Compile the drift kernels for this machine into the kernel cache
+    ($TIDEGATE_KERNEL_CACHE, else $NUMBA_CACHE_DIR/tidegate-aot, else
+    ~/.cache/tidegate/kernels) and check that they load, so that the first model with
+    drift on loads them rather than building them. `make install` and the Dockerfile run
+    this. Prints the extension's path; exit code 1 if it cannot be built."""
+    from tidegate import kernel_backend
+
+    try:
+        kernel_backend.build(force=force)
+        built = kernel_backend.aot()
+    except kernel_backend.KernelBuildError as exc:
+        if "\n" in exc.output:  # a one-line output is the error's own message
+            click.echo(exc.output, err=True)
+        raise CommandError(
+            f"{exc}; servers will run Numba's JIT instead, "
+            f"about {kernel_backend.JIT_EXTRA_MIB} MiB more memory each"
+        ) from exc
+    click.echo(built.origin)
+
+
 # The commands of the other modules, and `token`, in this order in `main.commands` (the
 # order of definition before the split; `tidegate --help` sorts them by name).
 for _command in (
@@ -433,5 +461,6 @@ for _command in (
     audit,
     make_token,
     bench,
+    kernels,
 ):
     main.add_command(_command)

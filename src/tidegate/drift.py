@@ -30,12 +30,13 @@ serialises updates and reads (see `observer`).
 import math
 import threading
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 
+from tidegate import kernel_backend
 from tidegate.config import DriftConfig
+from tidegate.kernel_backend import KernelSet
 from tidegate.pending import PendingBatches
 from tidegate.protocol import TensorSpec
 
@@ -45,17 +46,22 @@ EPOCH_SECONDS = 10.0
 MIN_ROWS_PER_BIN = 5  # fewer than 5 * B rows in the window: insufficient data
 
 
-def _kernels() -> ModuleType:
-    """The Numba kernels, imported on first use rather than with tidegate: Numba and
-    LLVM take about 130 MiB, which a server whose models all turn drift off keeps."""
-    from tidegate import kernels
-
-    return kernels
+def _kernels() -> KernelSet:
+    """The drift kernels, chosen on first use rather than with tidegate: by default the
+    ahead-of-time extension, which keeps Numba and LLVM (about 130 MiB) out of the
+    process; Numba's JIT where that cannot be built (see `kernel_backend`)."""
+    return kernel_backend.kernels()
 
 
 def prepare_kernels() -> None:
-    """Compiles the kernels (or loads them from Numba's cache) before any request."""
+    """Builds or loads the kernels (or has Numba compile them) before any request."""
     _kernels().warm_up()
+
+
+def kernels_in_use() -> str | None:
+    """ "aot" or "jit" once a model with drift has loaded; None before."""
+    chosen = kernel_backend.active()
+    return None if chosen is None else chosen.backend
 
 
 # -- features ---------------------------------------------------------------------------

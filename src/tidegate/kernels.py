@@ -29,11 +29,13 @@ The figures and what each step gained are in benchmarks/RESULTS.md.
 """
 
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import TypeVar, cast
 
 import numba
 import numpy as np
 import numpy.typing as npt
+
+from tidegate.kernel_backend import exercise
 
 __all__ = ["update_argmax", "update_classes", "update_features", "warm_up"]
 
@@ -298,32 +300,6 @@ def update_classes(indices: _Int64Array, class_counts: _Int64Array) -> None:
 
 
 def warm_up() -> None:
-    """Compile (or load from the cache) every kernel for float32 and float64 batches.
-
-    Called when a model loads, so no request pays for numba's compiler. numba
-    compiles one version per argument type, and a tensor decoded from a binary body
-    is a read-only view (`np.frombuffer`), so batches are warmed both writeable and
-    read-only. The state is built as callers build it: C-contiguous, writeable,
-    int64 counts and float64 sums.
-    """
-    for dtype in (np.float32, np.float64):
-        for writeable in (True, False):
-            x = np.zeros((2, 1), dtype)
-            p = np.zeros((2, 2), dtype)
-            x.flags.writeable = p.flags.writeable = writeable
-            edges, lo, hi, shift = np.zeros((1, 1)), np.zeros(1), np.ones(1), np.zeros(1)
-            update_features(x, edges, lo, hi, shift, *_features_state(1, 2))
-            update_argmax(p, np.zeros(2, np.int64), np.zeros(1))
-    update_classes(np.zeros(2, np.int64), np.zeros(2, np.int64))
-
-
-def _features_state(features: int, bins: int) -> list[npt.NDArray[Any]]:
-    """counts, below, above, nonfinite, n, s1, s2, vmin, vmax: a fresh state."""
-    return [
-        np.zeros((features, bins), np.int64),
-        *(np.zeros(features, np.int64) for _ in range(4)),
-        np.zeros(features),
-        np.zeros(features),
-        np.full(features, np.inf),
-        np.full(features, -np.inf),
-    ]
+    """Compile (or load from the cache) every kernel for each argument type a request
+    uses (see `kernel_backend.exercise`), so that no request pays for numba's compiler."""
+    exercise(update_features, update_argmax, update_classes)

@@ -23,6 +23,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from tidegate.control import ControlPlane
+from tidegate.drift import kernels_in_use
 from tidegate.observer import DriftObserver
 from tidegate.registry import Registry
 from tidegate.requestlog import RequestLog
@@ -82,7 +83,15 @@ class DriftCollector:
             "tidegate_drift_queue_batches", "Batches waiting for the drift observer."
         )
         queue.add_metric([], observer.queued)
-        yield from (psi, max_psi, verdict, dropped, queue)
+        kernels = GaugeMetricFamily(
+            "tidegate_drift_kernels_info",
+            "The drift kernels in use (1): backend aot (compiled ahead of time, no Numba in "
+            "the process) or jit (Numba's JIT in the process); absent until drift is on.",
+            labels=["backend"],
+        )
+        if (backend := kernels_in_use()) is not None:
+            kernels.add_metric([backend], 1)
+        yield from (psi, max_psi, verdict, dropped, queue, kernels)
 
 
 def _histogram(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:

@@ -40,7 +40,7 @@ import numpy as np
 
 from tidegate.batcher import Batcher
 from tidegate.config import DriftConfig, ModelConfig
-from tidegate.drift import DriftMonitor, FeatureMap, prepare_kernels
+from tidegate.drift import DriftMonitor, FeatureMap, kernels_in_use, prepare_kernels
 from tidegate.errors import BadRequest, ModelLoadError, NotFound, TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.protocol import ascii_number
@@ -115,7 +115,7 @@ class Deployment:
         with self.drift.lock:
             report = self.drift.report(time.monotonic())
             dropped = self.drift.dropped
-        return {**head, "dropped_batches": dropped, **report}
+        return {**head, "dropped_batches": dropped, "kernels": kernels_in_use(), **report}
 
 
 # Builds run one at a time, so that the RSS growth during one is its own.
