@@ -151,6 +151,7 @@ def test_non_finite_outputs_keep_the_finite_values_text():
         (b'{"inputs": [nan]}', "not valid JSON"),  # only NaN, Infinity and -Infinity
         (b'{"inputs": [Inf]}', "not valid JSON"),
         (b'{"id": "\\ud800", "inputs": [NaN]}', "not valid JSON"),  # a lone surrogate
+        (b'{"x": 1' + b"0" * 400 + b', "inputs": [NaN]}', "not valid JSON"),  # past float range
         (b'{"inputs": [NaN]}', "input"),  # parsed, then refused as an input
     ],
 )

@@ -338,7 +338,8 @@ def _loads_non_finite(text: bytes, error: orjson.JSONDecodeError) -> Any:
     try:
         document = json.loads(text.decode("utf-8"), parse_int=_orjson_int)
         orjson.dumps(document)
-    except (ValueError, TypeError, RecursionError) as exc:  # JSONEncodeError is a TypeError
+    # JSONEncodeError is a TypeError; an integer past float range overflows.
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
         raise invalid from exc
     return document
 
