@@ -12,9 +12,9 @@ extraction and one GIL-free kernel pass per segment, whatever the number of
 requests in it, yielding the GIL between segments. The request path never wakes
 a thread, except when a version's waiting tensors pass `wake_bytes` (large
 inputs such as images): then the worker is woken to drain early, which keeps the
-memory they hold small. When a version has `capacity`
-batches or `max_bytes` bytes waiting, the batch is dropped and counted: the
-request is never delayed, and the report says how much it missed. Reports take
+memory they hold small. When a version has `capacity` batches or `max_bytes`
+bytes waiting, the batch is dropped and counted: the request is never delayed,
+and the report says how much it missed. Reports take
 the monitor's lock too, so they see whole batches only.
 """
 

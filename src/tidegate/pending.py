@@ -24,7 +24,7 @@ bytes waiting are counted, so that a caller can drain early and bound them.
 """
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Segment:
     buffers: list[np.ndarray]  # one per tensor
     filled: list[int]  # rows of each buffer in use
     batches: int = 0
-    shared: bool = field(default=True)  # False: a large batch's own arrays, closed
+    shared: bool = True  # False: a large batch's own arrays, closed
 
     @classmethod
     def allocate(cls, arrays: list[np.ndarray]) -> "Segment":
