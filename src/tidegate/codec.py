@@ -51,9 +51,7 @@ class InferRequest:
 
 
 def _shape(spec: TensorSpec, raw: object) -> tuple[int, ...]:
-    if not isinstance(raw, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw
-    ):
+    if type(raw) is not list or not all(type(d) is int and d >= 0 for d in raw):
         raise BadRequest(f"input '{spec.name}': shape must be a list of non-negative integers")
     if len(raw) != len(spec.shape) or any(
         want not in (-1, got) for want, got in zip(spec.shape, raw, strict=True)
@@ -205,7 +203,7 @@ def _requested_outputs(
         return ()
     if not isinstance(raw, list):
         raise BadRequest("'outputs' must be a JSON array")
-    names = {spec.name for spec in meta.outputs}
+    names = meta.outputs_by_name
     requested = []
     for item in raw:
         entry = _object(item, "each requested output")
@@ -254,7 +252,7 @@ def decode_request(
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty JSON array")
 
-    specs = {spec.name: spec for spec in meta.inputs}
+    specs = meta.inputs_by_name
     view = memoryview(body)
     offset = header_length
     arrays: dict[str, np.ndarray] = {}
@@ -444,12 +442,12 @@ def encode_response(
     wanted = request.outputs or tuple(
         RequestedOutput(spec.name, request.binary_output) for spec in meta.outputs
     )
-    datatypes = {spec.name: spec.datatype for spec in meta.outputs}
+    specs = meta.outputs_by_name
     entries = []
     blobs: list[bytes | memoryview] = []
     for output in wanted:
         array = outputs[output.name]
-        datatype = datatypes[output.name]
+        datatype = specs[output.name].datatype
         entry: dict[str, object] = {
             "name": output.name,
             "datatype": datatype.name,

@@ -5,7 +5,7 @@ protocol (`FP32`), numpy (`float32`), ONNX as onnxruntime reports it
 (`tensor(float)`) and Triton's model configuration (`TYPE_FP32`).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -90,9 +90,15 @@ class ModelMetadata:
 
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Worked out once, not per request: the lookups that decoding and encoding make.
+    # True when every input and output has a dynamic first dimension (a batch axis).
+    batched: bool = field(init=False)
+    inputs_by_name: dict[str, TensorSpec] = field(init=False)
+    outputs_by_name: dict[str, TensorSpec] = field(init=False)
 
-    @property
-    def batched(self) -> bool:
-        """True when every input and output has a dynamic first dimension (a batch axis)."""
+    def __post_init__(self) -> None:
         specs = self.inputs + self.outputs
-        return all(spec.shape and spec.shape[0] == -1 for spec in specs)
+        batched = all(spec.shape and spec.shape[0] == -1 for spec in specs)
+        object.__setattr__(self, "batched", batched)
+        object.__setattr__(self, "inputs_by_name", {spec.name: spec for spec in self.inputs})
+        object.__setattr__(self, "outputs_by_name", {spec.name: spec for spec in self.outputs})
