@@ -60,7 +60,7 @@ def without_drift(target: Path) -> Path:
 def drift_bytes_per_feature() -> tuple[int, int]:
     """Bytes of drift state (profile and windows) of the model version, per feature."""
     source = scan_model(MODELS, MODEL)
-    deployment = _build(source, source.versions[VERSION], InferenceExecutor(1))
+    deployment = _build(source, source.versions[VERSION], InferenceExecutor(1), 0)
     monitor = deployment.drift
     assert monitor is not None
     assert monitor.input_profile is not None

@@ -21,8 +21,10 @@ from tidegate.control_api import ControlApi
 from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import ASGIApp, InferRouter, error_parts
+from tidegate.internal import InternalApi
 from tidegate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, collectors, render
 from tidegate.observer import DriftObserver
+from tidegate.peers import worker_peers
 from tidegate.poller import RepositoryPoller
 from tidegate.registry import Registry
 from tidegate.requestlog import RequestLog, RequestLogConfig
@@ -96,8 +98,8 @@ def create_app(config: ServerConfig) -> ASGIApp:
     observer = DriftObserver()
     traffic = Traffic(registry, observer)
     state_dir = config.state_dir or config.repository / ".tidegate"
-    control = ControlPlane(registry, traffic, state_dir)
-    plane = DataPlane(registry, executor, config.max_body_bytes, control.record)
+    control = ControlPlane(registry, traffic, state_dir, worker_peers())
+    plane = DataPlane(registry, executor, config.max_body_bytes, control)
 
     def count_in_flight() -> int:
         return router.in_flight
@@ -132,13 +134,16 @@ def create_app(config: ServerConfig) -> ASGIApp:
         gc.freeze()
         observer.start()
         polling = None if poller is None else asyncio.create_task(poller.run())
-        judging = asyncio.create_task(control.run())
+        tasks = [asyncio.create_task(control.run())]
+        if control.peers.enabled:
+            tasks.append(asyncio.create_task(control.follow_forever()))
         try:
             yield
         finally:
-            judging.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await judging
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if polling is not None:
                 polling.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -154,6 +159,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
         routes=[
             *_routes(plane),
             *ControlApi(control, config.max_body_bytes).routes(),
+            *InternalApi(control, traffic, config.max_body_bytes).routes(),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
         lifespan=lifespan,

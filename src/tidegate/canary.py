@@ -22,6 +22,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -127,6 +128,42 @@ class StepWindows:
                 "disagreeing": shadow.disagreeing,
             }
         return document
+
+    def to_state(self) -> dict[str, Any]:
+        """What another worker's windows merge with (`from_state`, `merged`): counts
+        and histograms only; the score edges and the start are each worker's own."""
+        return {
+            "stable": self.stable.to_dict(),
+            "canary": self.canary.to_dict(),
+            "split": [self.split_stable, self.split_canary],
+            "shadow": None if self.shadow is None else self.shadow.to_dict(),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "StepWindows":
+        """`to_state`'s windows; ValueError when malformed."""
+        split_stable, split_canary = state["split"]
+        shadow = state.get("shadow")
+        return cls(
+            VariantWindow.from_dict(state["stable"]),
+            VariantWindow.from_dict(state["canary"]),
+            int(split_stable),
+            int(split_canary),
+            None if shadow is None else ShadowWindow.from_dict(shadow),
+        )
+
+    def merged(self, other: "StepWindows") -> "StepWindows":
+        """These windows plus `other` (another worker's), as new windows: this one's
+        own are left as they are, since requests keep adding to them."""
+        total = StepWindows.from_state(self.to_state())
+        total.score_edges, total.started = self.score_edges, self.started
+        total.stable.merge(other.stable)
+        total.canary.merge(other.canary)
+        total.split_stable += other.split_stable
+        total.split_canary += other.split_canary
+        if total.shadow is not None and other.shadow is not None:
+            total.shadow.merge(other.shadow)
+        return total
 
 
 @dataclass(slots=True, eq=False)

@@ -23,17 +23,22 @@ then serves its stable version.
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from tidegate.audit import AuditLog
-from tidegate.canary import Traffic
+from tidegate.canary import StepWindows, Traffic
 from tidegate.config import parse_rollout
-from tidegate.errors import BadRequest, Conflict, NotFound, TidegateError
+from tidegate.errors import BadRequest, Conflict, NotApplied, NotFound, TidegateError
 from tidegate.judge import Judgement, judge
+from tidegate.peers import Peers
 from tidegate.protocol import ascii_number
+from tidegate.reconcile import Reconciler, encode_models, models_of
 from tidegate.registry import Registry
 from tidegate.rollout import PAUSED, PROMOTED, ROLLED_BACK, RUNNING, Rollout
 from tidegate.state import StateFile
@@ -43,17 +48,27 @@ log = logging.getLogger("tidegate.control")
 
 JUDGE = "judge"  # the actor of the judge's own actions
 TICK_S = 0.05  # how often the judge's task wakes to see whose epoch is due
+FOLLOW_S = 0.5  # how often a worker looks for a generation it was not told about
+RECONCILE_TIMEOUT_S = 300.0  # a worker's builds for one generation (large models load slowly)
 
 
 class ControlPlane:
-    def __init__(self, registry: Registry, traffic: Traffic, state_dir: Path) -> None:
+    def __init__(
+        self, registry: Registry, traffic: Traffic, state_dir: Path, peers: Peers | None = None
+    ) -> None:
         self.registry = registry
         self.traffic = traffic
         self.audit = AuditLog(state_dir / "audit.jsonl")
         self.state = StateFile(state_dir / "state.json")
+        self.peers = peers or Peers(None, None)
         self.rollouts: dict[str, Rollout] = {}
+        self.reconciler = Reconciler(registry, traffic, self.rollouts)
         self._lock = asyncio.Lock()
         self._looked: dict[str, float] = {}  # model -> monotonic time of the judge's last look
+        self._judge_lock = state_dir / "judge.lock"
+        self._judging: int | None = None  # the judge lock's descriptor, once this process judges
+        self._before: dict[str, Any] = {}  # the state a change in progress started from
+        self._file_generation = 0  # the desired state file's, as last read or written
 
     # -- reading ----------------------------------------------------------------------
 
@@ -105,7 +120,7 @@ class ControlPlane:
     # -- operator actions ---------------------------------------------------------------
 
     async def set_traffic(self, name: str, document: object, actor: str) -> dict[str, Any]:
-        async with self._lock:
+        async with self.change():
             rollout = self.rollouts.get(name)
             if rollout is not None and not rollout.finished:
                 raise Conflict(
@@ -129,7 +144,7 @@ class ControlPlane:
         version = options.pop("version", None)
         if isinstance(version, bool) or not isinstance(version, str | int):
             raise BadRequest("'version' (the canary's version number) is required")
-        async with self._lock:
+        async with self.change():
             current = self.rollouts.get(name)
             if current is not None and not current.finished:
                 raise Conflict(f"model '{name}' already has a rollout {current.status}")
@@ -145,7 +160,8 @@ class ControlPlane:
                 )
             loaded = self.registry.get(name, number) is None
             if loaded:
-                await self.registry.load(name, canary)
+                await self.registry.load(name, canary, revision=self._next_generation())
+                await self._publish()
                 await self.record(
                     actor, "load", name, "done", "the rollout's canary", version=canary
                 )
@@ -160,7 +176,7 @@ class ControlPlane:
 
     async def act(self, name: str, action: str, actor: str) -> dict[str, Any]:
         """An operator's promote, rollback, pause or resume."""
-        async with self._lock:
+        async with self.change():
             rollout = self.rollouts.get(name)
             if rollout is None:
                 raise NotFound(f"model '{name}' has no rollout")
@@ -181,12 +197,30 @@ class ControlPlane:
                 await self._transition(rollout, RUNNING, "resume", actor, reason)
             return self.rollout_status(name)
 
+    async def load(self, name: str, version: str | None) -> None:
+        """The repository API's load, on every worker (see `Registry.load`)."""
+        async with self.change():
+            await self.registry.load(name, version, revision=self._next_generation())
+            await self._publish()
+
+    async def unload(self, name: str, version: str | None) -> str | None:
+        """The repository API's unload, on every worker (see `Registry.unload`)."""
+        async with self.change():
+            nothing_done = await self.registry.unload(name, version)
+            if nothing_done is None:
+                await self._publish()
+            return nothing_done
+
     # -- the judge ------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Looks at each running rollout once per its epoch, until cancelled."""
+        """Looks at each running rollout once per its epoch, until cancelled. Of the
+        workers of one server, one judges: the one holding the judge lock (a worker
+        that dies drops it, and another takes it at its next tick)."""
         while True:
             await asyncio.sleep(TICK_S)
+            if not self._judge():
+                continue
             now = time.monotonic()
             for name, rollout in list(self.rollouts.items()):
                 due = self._looked.get(name, 0.0) + rollout.config.epoch_s
@@ -194,11 +228,24 @@ class ControlPlane:
                     continue
                 self._looked[name] = now
                 try:
-                    async with self._lock:
-                        if rollout.status == RUNNING and self.rollouts.get(name) is rollout:
-                            await self.look(rollout)
+                    async with self.change():
+                        current = self.rollouts.get(name)  # as the latest generation says
+                        if current is not None and current.status == RUNNING:
+                            await self.look(current)
                 except Exception:  # one model's failure must not stop the others' judging
                     log.exception("judging the rollout of %s failed", name)
+
+    def _judge(self) -> bool:
+        """Whether this process is the judge: takes the judge lock if it is free."""
+        if self._judging is None:
+            descriptor = os.open(self._judge_lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(descriptor)
+                return False
+            self._judging = descriptor
+        return True
 
     async def look(self, rollout: Rollout) -> Judgement | None:
         """One look of the judge at `rollout`, and the action it calls for. A rollout
@@ -215,7 +262,7 @@ class ControlPlane:
             return None
         live = self.traffic.live(rollout.model)
         assert live is not None  # a running rollout's canary is always routed
-        windows = live.windows
+        windows = await self._merged_windows(rollout.model, live.windows)
         config = rollout.config
         dwell = rollout.seconds_in_step()
         ready = windows.canary.requests >= config.min_rows and dwell >= config.min_dwell_s
@@ -309,12 +356,15 @@ class ControlPlane:
     async def _unload(self, name: str, version: int, actor: str) -> None:
         if await self.registry.unload(name, str(version)) is not None:
             return  # already gone
+        await self._publish()
         await self.record(actor, "unload", name, "done", "after the rollout", version=str(version))
 
     # -- state and audit ------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
+        """This process's state, as the desired state writes it (see `reconcile`)."""
         return {
+            "models": encode_models(self.registry.revisions()),
             "traffic": {name: p.to_json() for name, p in self.traffic.policies().items()},
             "rollouts": {name: r.to_json() for name, r in self.rollouts.items()},
         }
@@ -322,10 +372,120 @@ class ControlPlane:
     async def _commit(
         self, actor: str, action: str, model: str, outcome: str, reason: str, **details: Any
     ) -> None:
-        """Persists the state, then records the action: on disk before it is answered."""
-        snapshot = self.snapshot()
-        await asyncio.to_thread(self.state.save, snapshot)
+        """Publishes the state, then records the action: on disk and applied by every
+        worker before it is answered."""
+        await self._publish()
         await asyncio.to_thread(self.audit.append, actor, action, model, outcome, reason, **details)
+
+    # -- the desired state, shared with the other workers ----------------------------
+
+    @contextlib.asynccontextmanager
+    async def change(self) -> AsyncIterator[None]:
+        """One change of the desired state, made here: holds the lock every worker's
+        changes take (first, so that a worker waiting for it can still apply another's
+        change), brings this process to the latest generation, and remembers the state
+        it started from, to undo a change that another worker cannot apply."""
+        descriptor = await asyncio.to_thread(self.state.acquire)
+        try:
+            async with self._lock:
+                restored = await asyncio.to_thread(self.state.load, set_aside=True)
+                if restored.problem is not None:
+                    # This process serves the last good state: the change starts from it.
+                    log.error("desired state: %s", restored.problem)
+                    await self.record("control", "state", None, "failed", restored.problem)
+                elif restored.generation > self.reconciler.generation:
+                    await self.reconciler.apply(restored.state, restored.generation)
+                self._file_generation = restored.generation
+                self._before = self.snapshot()
+                yield
+        finally:
+            self.state.release(descriptor)
+
+    def _next_generation(self) -> int:
+        """The generation the change in progress publishes (a revision for its builds)."""
+        return max(self._file_generation, self.reconciler.generation) + 1
+
+    async def _publish(self) -> None:
+        """Writes this process's state as the next generation and waits until every
+        other worker has applied it. If one cannot, the change is undone everywhere
+        (the state it started from, as one more generation) and NotApplied says which
+        worker failed and why."""
+        generation = self._next_generation()
+        await asyncio.to_thread(self.state.save, self.snapshot(), generation)
+        self._file_generation = self.reconciler.generation = generation
+        failed = await self._tell_workers(generation)
+        if not failed:
+            return
+        undo = self._next_generation()
+        await self.reconciler.apply(self._before, undo)
+        await asyncio.to_thread(self.state.save, self._before, undo)
+        self._file_generation = undo
+        still = await self._tell_workers(undo)
+        detail = "; ".join(f"worker {worker}: {error}" for worker, error in failed)
+        if still:
+            log.error("undoing generation %d failed on %s", generation, still)
+        raise NotApplied(f"the change was undone: {detail}")
+
+    async def _tell_workers(self, generation: int) -> list[tuple[str, str]]:
+        """Has every other worker apply `generation`; (worker, error) for those that
+        could not."""
+        replies = await self.peers.call(
+            "POST", "/internal/reconcile", {"generation": generation}, RECONCILE_TIMEOUT_S
+        )
+        return [
+            (reply.worker, str(reply.body.get("error", reply.body)))
+            for reply in replies
+            if reply.status != 200
+        ]
+
+    async def follow(self, generation: int | None = None) -> int:
+        """Applies the desired state if it is newer than what this process serves (told
+        by the worker that changed it, or found by `follow_forever`). Returns the
+        generation applied.
+
+        Raises:
+            NotApplied: the file is unreadable or older than what this process serves,
+                or a version would not build; this process serves what it served.
+        """
+        async with self._lock:
+            restored = await asyncio.to_thread(self.state.load)
+            if restored.problem is not None:
+                raise NotApplied(restored.problem)
+            if restored.generation < self.reconciler.generation:
+                raise NotApplied(
+                    f"{self.state.path} is at generation {restored.generation}, older than "
+                    f"the {self.reconciler.generation} this worker serves: a stale file"
+                )
+            if restored.generation > self.reconciler.generation:
+                try:
+                    await self.reconciler.apply(restored.state, restored.generation)
+                except TidegateError as exc:
+                    raise NotApplied(f"generation {restored.generation}: {exc.message}") from exc
+            if generation is not None and self.reconciler.generation < generation:
+                raise NotApplied(
+                    f"generation {generation} is not on disk (it has {restored.generation})"
+                )
+            return self.reconciler.generation
+
+    async def follow_forever(self) -> None:
+        """Catches up with changes no worker told this one about (it was starting, or
+        the call was lost), until cancelled."""
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            try:
+                await self.follow()
+            except NotApplied as exc:
+                log.error("desired state not applied: %s", exc.message)
+
+    async def _merged_windows(self, name: str, local: StepWindows) -> StepWindows:
+        """The model's step windows summed over every worker (this one's alone without
+        others): the judge decides on the whole server's traffic."""
+        replies = await self.peers.call("GET", f"/internal/windows/{name}")
+        merged = local
+        for reply in replies:
+            if reply.status == 200 and reply.body is not None:
+                merged = merged.merged(StepWindows.from_state(reply.body))
+        return merged
 
     async def record(
         self,
@@ -340,13 +500,21 @@ class ControlPlane:
         await asyncio.to_thread(self.audit.append, actor, action, model, outcome, reason, **details)
 
     async def restore(self) -> None:
-        """Re-applies the saved traffic policies and rollouts (see the module doc)."""
-        restored = await asyncio.to_thread(self.state.load)
+        """Re-applies the saved models, traffic policies and rollouts (see the module
+        doc). Under the lock of changes: of workers starting together, one sets a
+        corrupt file aside and the others find none."""
+        descriptor = await asyncio.to_thread(self.state.acquire)
+        try:
+            restored = await asyncio.to_thread(self.state.load, set_aside=True)
+        finally:
+            self.state.release(descriptor)
         if restored.problem is not None:
             log.error("state not restored: %s", restored.problem)
             await self.record("control", "restore", None, "failed", restored.problem)
             return
         state = restored.state
+        self.reconciler.generation = self._file_generation = restored.generation
+        await self._restore_models(state)
         for name, document in dict(state.get("rollouts", {})).items():
             with contextlib.suppress(KeyError, TypeError, ValueError):
                 self.rollouts[name] = Rollout.from_json(document)
@@ -366,6 +534,25 @@ class ControlPlane:
                 self.rollouts.pop(name, None)
         if state:
             await self.record("control", "restore", None, "done", f"{len(self.rollouts)} rollouts")
+
+    async def _restore_models(self, state: dict[str, Any]) -> None:
+        """Serves the versions the state names. A version this process built at start
+        counts as built at the state's revision: it was read from the same files."""
+        try:
+            models = models_of(state)
+        except BadRequest as exc:
+            log.error("models not restored: %s", exc.message)
+            return
+        for name, target in models.items():
+            for version, revision in target.items():
+                deployment = self.registry.get(name, version)
+                if deployment is not None and deployment.revision == 0:
+                    deployment.revision = revision
+            try:
+                await self.registry.reconcile(name, target, retire=True)
+            except TidegateError as exc:
+                log.error("model %s not restored: %s", name, exc.message)
+                await self.record("control", "restore", name, "failed", exc.message)
 
 
 def _versions(rollout: Rollout) -> dict[str, Any]:

@@ -76,6 +76,12 @@ class HeadersTooLarge(TidegateError):
     status = HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
 
 
+class NotApplied(TidegateError):
+    """A worker of this server could not apply a change of the desired state."""
+
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
+
+
 class Overloaded(TidegateError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 

@@ -73,6 +73,9 @@ class Deployment:
     drift: DriftMonitor | None  # None when [drift] enabled = false
     executor: InitVar[InferenceExecutor]
     stats: VersionStats = field(default_factory=VersionStats)
+    # Which change of the desired state built it (see `reconcile`): a process holding
+    # another revision of this version must build it again; 0: built at start.
+    revision: int = 0
     version_label: str = field(init=False)
     version_header: tuple[bytes, bytes] = field(init=False)
     max_batch_size: int = field(init=False)
@@ -147,7 +150,9 @@ def _release(monitors: list[DriftMonitor]) -> None:
     _trim_heap()
 
 
-def _build(source: ModelSource, version: VersionSource, executor: InferenceExecutor) -> Deployment:
+def _build(
+    source: ModelSource, version: VersionSource, executor: InferenceExecutor, revision: int
+) -> Deployment:
     """Loads and warms one version (blocking: runs on a loader thread)."""
     with _BUILD_LOCK:
         started = time.perf_counter()
@@ -169,6 +174,7 @@ def _build(source: ModelSource, version: VersionSource, executor: InferenceExecu
         seconds,
         drift,
         executor,
+        revision=revision,
     )
 
 
@@ -232,6 +238,10 @@ def _unchanged(deployment: Deployment | None, source: ModelSource, version: Vers
         and deployment.fingerprint == version.fingerprint
         and deployment.config == source.config
     )
+
+
+def _revision(deployment: Deployment | None) -> int | None:
+    return None if deployment is None else deployment.revision
 
 
 def _parse_version(name: str, version: str) -> int:
@@ -330,14 +340,20 @@ class Registry:
                 log.error("model %s not loaded: %s", name, exc.message)
 
     async def load(
-        self, name: str, version: str | None = None, *, reuse_unchanged: bool = False
+        self,
+        name: str,
+        version: str | None = None,
+        *,
+        reuse_unchanged: bool = False,
+        revision: int = 0,
     ) -> list[Deployment]:
         """(Re)loads a model from the repository and returns when the new versions serve.
 
         Without `version`, the versions the model's policy selects replace those
         serving. With `version`, that one version is (re)loaded beside the others.
         With `reuse_unchanged`, a serving version whose files and config are as they
-        were is kept rather than built again (the poller's reload).
+        were is kept rather than built again (the poller's reload). What it builds
+        carries `revision`.
 
         Raises:
             NotFound: the model or version is not in the repository.
@@ -362,7 +378,7 @@ class Registry:
                 del serving  # what it retires is freed in _serve, not held by this frame
                 to_build = [v for v in wanted if v.version not in kept]
                 built = await asyncio.to_thread(
-                    lambda: [_build(source, v, self._executor) for v in to_build]
+                    lambda: [_build(source, v, self._executor, revision) for v in to_build]
                 )
                 _check_inputs(name, built, self._highest(name))
             except BadRequest as exc:
@@ -425,6 +441,43 @@ class Registry:
         ]
         del serving  # the retired versions' last reference, unless a request still holds one
         await asyncio.to_thread(_release, monitors)
+
+    def revisions(self) -> dict[str, dict[int, int]]:
+        """Each loaded model's versions and the revision each was built at."""
+        return {
+            name: {v: d.revision for v, d in versions.items()}
+            for name, versions in self._models.items()
+        }
+
+    async def reconcile(self, name: str, target: dict[int, int], *, retire: bool) -> None:
+        """Brings the model to `target` (version -> revision), the desired state's:
+        builds what is missing or at another revision; with `retire`, also stops
+        serving versions `target` lacks (an empty target unloads the model).
+
+        Raises:
+            NotFound, BadRequest: as `load`; what serves is then unchanged.
+        """
+        async with self._lock(name):
+            serving = dict(self._models.get(name, {}))
+            missing = sorted(v for v, rev in target.items() if _revision(serving.get(v)) != rev)
+            if missing:
+                source = await asyncio.to_thread(scan_model, self.root, name)
+                absent = [v for v in missing if v not in source.versions]
+                if absent:
+                    raise NotFound(f"model '{name}' has no version {absent[0]} in the repository")
+                built = await asyncio.to_thread(
+                    lambda: [
+                        _build(source, source.versions[v], self._executor, target[v])
+                        for v in missing
+                    ]
+                )
+                serving.update({d.version: d for d in built})
+            if retire:
+                serving = {v: d for v, d in serving.items() if v in target}
+            if not missing and serving.keys() == self._models.get(name, {}).keys():
+                return
+            await self._serve(name, serving)
+            log.info("model %s serving versions %s", name, sorted(serving))
 
     def _highest(self, name: str) -> Deployment | None:
         versions = self._models.get(name)

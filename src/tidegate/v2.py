@@ -4,7 +4,7 @@ extensions. Thin: state lives in `registry`."""
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tidegate import __version__
+from tidegate.control import ControlPlane
 from tidegate.errors import BadRequest, TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import receive_body
@@ -28,8 +29,6 @@ PLATFORM = "onnxruntime_onnx"
 # Where the access control puts the name of the token a request came with: the actor
 # in the audit log.
 ACTOR_KEY = "tidegate.actor"
-# Appends to the audit log: (actor, action, model, outcome, reason, **details).
-Audit = Callable[..., Awaitable[None]]
 _JSON = "application/json"
 
 
@@ -112,12 +111,17 @@ class DataPlane:
     """The V2 endpoints, bound to one registry and one inference executor."""
 
     def __init__(
-        self, registry: Registry, executor: InferenceExecutor, max_body: int, audit: Audit
+        self,
+        registry: Registry,
+        executor: InferenceExecutor,
+        max_body: int,
+        control: ControlPlane,
     ) -> None:
         self.registry = registry
         self.executor = executor
         self.max_body = max_body
-        self.audit = audit
+        self.control = control  # loads and unloads are changes of the desired state
+        self.audit = control.record
 
     def _resolve(self, request: Request) -> Deployment:
         return self.registry.resolve(
@@ -198,7 +202,7 @@ class DataPlane:
         version = await self._version_parameter(request, set())
         name = request.path_params["model"]
         async with self._audited(request, "load", name, version):
-            await self.registry.load(name, version)
+            await self.control.load(name, version)
         return json_response({})
 
     async def repository_unload(self, request: Request) -> Response:
@@ -208,7 +212,7 @@ class DataPlane:
         version = await self._version_parameter(request, {"unload_dependents"})
         name = request.path_params["model"]
         async with self._audited(request, "unload", name, version) as outcome:
-            nothing_done = await self.registry.unload(name, version)
+            nothing_done = await self.control.unload(name, version)
             if nothing_done is not None:
                 outcome.no_op(nothing_done)
                 return json_response({"message": nothing_done})

@@ -1,0 +1,47 @@
+"""The endpoints one worker answers for the others, on its private socket only (see
+`peers`): apply a generation of the desired state, and hand over its share of what
+the server reads as a whole (the judge's step windows)."""
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tidegate.canary import Traffic
+from tidegate.control import ControlPlane
+from tidegate.errors import BadRequest, NotFound
+from tidegate.v2 import json_response, read_json_object
+
+
+def _private(request: Request) -> None:
+    """NotFound unless the request came over a Unix socket (uvicorn gives those a
+    server address without a port): the public port has no internal endpoints."""
+    server = request.scope.get("server")
+    if not (isinstance(server, tuple | list) and server[1] is None):
+        raise NotFound(f"no endpoint {request.method} {request.url.path}")
+
+
+class InternalApi:
+    def __init__(self, control: ControlPlane, traffic: Traffic, max_body: int) -> None:
+        self.control = control
+        self.traffic = traffic
+        self.max_body = max_body
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/internal/reconcile", self.reconcile, methods=["POST"]),
+            Route("/internal/windows/{model}", self.windows, methods=["GET"]),
+        ]
+
+    async def reconcile(self, request: Request) -> Response:
+        """Applies the desired state's generation (NotApplied, 500, if it cannot)."""
+        _private(request)
+        generation = (await read_json_object(request, self.max_body)).get("generation")
+        if isinstance(generation, bool) or not isinstance(generation, int):
+            raise BadRequest("'generation' must be a whole number")
+        return json_response({"generation": await self.control.follow(generation)})
+
+    async def windows(self, request: Request) -> Response:
+        """This worker's step windows of a model with a canary (null without one)."""
+        _private(request)
+        live = self.traffic.live(request.path_params["model"])
+        return json_response(None if live is None else live.windows.to_state())
