@@ -3,14 +3,14 @@ worker process costs in memory, in one run.
 
 One `tidegate serve --workers N` subprocess per N on 127.0.0.1, all started once, serves
 the models of bench_vs_mlserver.py (`tabular`, `cnn`) from one fresh repository (batching
-and drift on). Each must answer every model right and, for N > 1, 200 warm-up requests
-over fresh connections, so that every worker has run its models. wrk (-t1,
-v2_request.lua, V2 JSON, one row per request) drives each (model, concurrency) cell on
-each server in turn after a 1 s warm-up; who goes first rotates by round, so that drifts
-of the machine hit all alike. Tables: medians over rounds, ratios to 1 worker, scaling
-efficiency (req/s with N / (N x req/s with 1)); memory: VmRSS of the supervisor and of
-each worker after one pass of every cell, drift on and off. wrk and the servers share
-the cores.
+and drift on). Each must answer every model right and, for N > 1, once the kernel shows
+N sockets listening on its port, 200 warm-up requests over fresh connections, so that
+every worker has run its models. wrk (-t1, v2_request.lua, V2 JSON, one row per request)
+drives each (model, concurrency) cell on each server in turn after a 1 s warm-up; who
+goes first rotates by round, so that drifts of the machine hit all alike. Tables:
+medians over rounds, ratios to 1 worker, scaling efficiency (req/s with N / (N x req/s
+with 1)); memory: VmRSS of the supervisor and of each worker, and their summed PSS, after
+one pass of every cell, drift on and off. wrk and the servers share the cores.
 
     .venv/bin/python benchmarks/bench_workers.py [--workers 1,2] [--concurrency 1,8,64]
         [--duration 5] [--rounds 3] [--models tabular,cnn] [--drift on,off] [--json FILE]
@@ -35,6 +35,7 @@ from typing import Any
 import tidegate
 from bench_vs_mlserver import (
     INPUT_SEEDS,
+    READY_TIMEOUT,
     WARMUP_SECONDS,
     WRK,
     Payload,
@@ -57,30 +58,27 @@ DRIFT_OFF = "\n[drift]\nenabled = false\n"
 Cell = tuple[str, int, int]  # model, concurrency, workers
 
 
-def has_workers_option() -> bool:
-    """Whether this tidegate's serve takes --workers; without it only N = 1 can run (as
-    today's single process, which is what `--workers 1` means)."""
-    command = [sys.executable, "-m", "tidegate", "serve", "--help"]
-    return "--workers" in subprocess.run(command, capture_output=True, text=True).stdout
-
-
-def start(root: Path, repo: Path, drift: str, workers: int, flag: bool) -> Server:
+def start(root: Path, repo: Path, drift: str, workers: int) -> Server:
     """One server; its own state dir, so that servers sharing the repository do not share
     traffic policies or an audit log."""
     name = f"drift-{drift}-w{workers}"
-    extra = ["--state-dir", str(root / f"state-{name}")]
-    if flag:
-        extra += ["--workers", str(workers)]
+    extra = ["--workers", str(workers), "--state-dir", str(root / f"state-{name}")]
     return spawn_tidegate(repo, root / f"{name}.log", *extra)
 
 
 def warm(server: Server, payloads: list[Payload], workers: int) -> None:
-    """Every model answers right; with N > 1, WARMUP_REQUESTS successful requests more, each
-    on a new connection, so that no worker meets its first requests in a measured run."""
+    """Every model answers right; with N > 1, once all N workers listen, WARMUP_REQUESTS
+    successful requests more, each on a new connection, so that no worker meets its first
+    requests in a measured run."""
     for payload in payloads:
         check(server, payload, False)
     if workers == 1:
         return
+    deadline = time.monotonic() + READY_TIMEOUT
+    while (ready := listeners(server.port)) < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{ready} of {workers} workers listen after {READY_TIMEOUT:g} s")
+        time.sleep(0.1)
     bodies = [(p.model, p.json_file.read_bytes()) for p in payloads]
     done = failed = 0
     while done < WARMUP_REQUESTS and failed < WARMUP_REQUESTS:
@@ -94,6 +92,13 @@ def warm(server: Server, payloads: list[Payload], workers: int) -> None:
     print(f"# {workers} workers warmed: {done} requests, {failed} failed", file=sys.stderr)
     if done < WARMUP_REQUESTS:
         raise RuntimeError(f"{workers} workers: {failed} warm-up requests failed")
+
+
+def listeners(port: int) -> int:
+    """Sockets listening on 127.0.0.1:`port` (SO_REUSEPORT: one per worker that has loaded
+    its models; the supervisor's socket is bound but never listens), from the kernel."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(row[1] == f"0100007F:{port:04X}" and row[3] == "0A" for row in rows)
 
 
 def children(pid: int) -> list[int]:
@@ -116,7 +121,7 @@ def mib(path: str, field: str) -> float:
 def memory(server: Server, drift: str, workers: int) -> dict[str, Any]:
     """VmRSS of the supervisor and of its children, the workers (a server without children
     is one process, its own worker, with no supervisor); and their summed PSS, which
-    counts once the pages they share (after a fork), where the sum of RSS counts each."""
+    counts once the pages they share (shared libraries), where the sum of RSS counts each."""
     pid = server.process.pid
     kids = children(pid)
     if kids and len(kids) != workers:
@@ -229,9 +234,6 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    flag = has_workers_option()
-    if not flag and args.workers != [1]:
-        raise SystemExit("this tidegate's serve has no --workers option; use --workers 1")
     command = shlex.join([sys.executable, *sys.argv])
     header_text = header(args, command)
     print(header_text)
@@ -246,7 +248,7 @@ def main() -> None:
             config = batching_config(True) + (DRIFT_OFF if drift == "off" else "")
             repo = write_repo(root / f"repo-drift-{drift}", paths, config)
             with ExitStack() as stack:
-                servers = {n: start(root, repo, drift, n, flag) for n in args.workers}
+                servers = {n: start(root, repo, drift, n) for n in args.workers}
                 for server in servers.values():  # stopped even if another never gets ready
                     stack.callback(stop, server.process)
                 for n, server in servers.items():
