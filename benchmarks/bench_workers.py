@@ -214,7 +214,7 @@ def print_memory(rows: list[dict[str, Any]]) -> None:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="1,2", help="worker counts, e.g. 1,2,4")
     parser.add_argument("--concurrency", default="1,8,64", help="wrk connections per cell")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
