@@ -5,6 +5,8 @@ server, the control client and rich load lazily, inside the commands, so that
 `tidegate --help` stays fast."""
 
 import json
+import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -126,6 +128,12 @@ def main() -> None:
     is_flag=True,
     help="Also log each sampled request's body and its response.",
 )
+@click.option(
+    "--workers",
+    default="1",
+    show_default=True,
+    help="Worker processes serving the port (SO_REUSEPORT), or 'auto': one per core.",
+)
 @click.option("--access-log/--no-access-log", default=False, show_default=True)
 @click.option(
     "--log-level",
@@ -155,6 +163,7 @@ def serve(
     request_log_dir: Path | None,
     request_log_sample: float,
     request_log_payload: bool,
+    workers: str,
     access_log: bool,
     log_level: str,
     log_format: str,
@@ -162,7 +171,6 @@ def serve(
     """Serve the models of REPOSITORY (default: ./models)."""
     from tidegate.config import ServerConfig
     from tidegate.errors import TidegateError
-    from tidegate.server import serve as run_server
 
     config = ServerConfig(
         repository=repository.resolve(),
@@ -183,10 +191,39 @@ def serve(
     )
     if threads is not None:
         config = replace(config, executor_threads=threads)
+    count = _worker_count(workers)
     try:
-        run_server(config, access_log=access_log)
+        if count == 1:
+            from tidegate.server import serve as run_server
+
+            run_server(config, access_log=access_log)
+            return
+        # Not the serving stack: the supervisor only starts and restarts workers.
+        from tidegate.exposure import check_exposure
+        from tidegate.jsonlog import configure_logging
+        from tidegate.supervisor import Supervisor
+
+        configure_logging(config.log_level, config.log_format == "json")
+        check_exposure(config)
+        if config.auth_file is not None:  # refused here once, not by every worker in turn
+            from tidegate.auth import parse_auth_file
+
+            parse_auth_file(config.auth_file)
+        code = Supervisor(config, count, access_log=access_log).run()
     except TidegateError as exc:  # a refused binding, a broken auth file
         raise CommandError(exc.message) from exc
+    except OSError as exc:  # the port is taken
+        raise CommandError(f"cannot serve on {host}:{port}: {exc.strerror}") from exc
+    if code:
+        sys.exit(code)
+
+
+def _worker_count(text: str) -> int:
+    if text == "auto":
+        return os.cpu_count() or 1
+    if not text.isdigit() or int(text) < 1:
+        raise click.BadParameter(f"{text!r} is not a number of workers >= 1 or 'auto'")
+    return int(text)
 
 
 # -- control commands: they talk to a running server over HTTP -------------------------

@@ -1,6 +1,6 @@
 """The endpoints one worker answers for the others, on its private socket only (see
 `peers`): apply a generation of the desired state, and hand over its share of what
-the server reads as a whole (the judge's step windows)."""
+the server reads as a whole (the judge's step windows, the statistics)."""
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,6 +30,7 @@ class InternalApi:
         return [
             Route("/internal/reconcile", self.reconcile, methods=["POST"]),
             Route("/internal/windows/{model}", self.windows, methods=["GET"]),
+            Route("/internal/stats", self.stats, methods=["GET"]),
         ]
 
     async def reconcile(self, request: Request) -> Response:
@@ -45,3 +46,9 @@ class InternalApi:
         _private(request)
         live = self.traffic.live(request.path_params["model"])
         return json_response(None if live is None else live.windows.to_state())
+
+    async def stats(self, request: Request) -> Response:
+        """Every loaded version's statistics here: [[name, version, state], ...]."""
+        _private(request)
+        deployments = self.control.registry.deployments()
+        return json_response([[d.name, d.version, d.stats.to_state()] for d in deployments])

@@ -135,6 +135,8 @@ def configure_logging(level: str, json_lines: bool) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # httpx logs each request at INFO: the workers' calls to each other are not news.
+    logging.getLogger("httpx").setLevel(max(numeric, logging.WARNING))
 
 
 def uvicorn_log_config(level: str, json_lines: bool) -> dict[str, Any]:

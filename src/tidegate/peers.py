@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-RUN_DIR_ENV = "TIDEGATE_RUN_DIR"  # set by the supervisor for its workers
-WORKER_ENV = "TIDEGATE_WORKER"  # the worker's slot name, e.g. "w0"
+from tidegate.supervisor import RUN_DIR_ENV, WORKER_ENV
+
 INTERNAL_PREFIX = "/internal/"
 
 

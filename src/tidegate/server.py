@@ -5,51 +5,35 @@ connections, lets in-flight requests finish (up to `graceful_timeout` seconds),
 then runs the lifespan shutdown, which waits for running inferences.
 """
 
-import ipaddress
+import contextlib
 import logging
+import socket
 
 import uvicorn
 
 from tidegate.app import create_app
 from tidegate.config import ServerConfig
 from tidegate.connection import protocol_class
-from tidegate.errors import ConfigError
+from tidegate.exposure import check_exposure
 from tidegate.jsonlog import configure_logging
+from tidegate.peers import worker_peers
+from tidegate.supervisor import reserve_port
 
 log = logging.getLogger("tidegate.server")
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
-def check_exposure(config: ServerConfig) -> None:
-    """Refuses to serve beyond loopback without an auth file, unless told to: anyone
-    who reaches the port could otherwise load, unload and roll out models."""
-    if config.auth_file is not None or is_loopback(config.host):
-        return
-    if not config.insecure_no_auth:
-        raise ConfigError(
-            f"refusing to serve on {config.host} without an auth file: pass --auth-file FILE, "
-            "or --insecure-no-auth to let anyone who reaches the port control the server"
-        )
-    log.warning(
-        "serving on %s WITHOUT authentication (--insecure-no-auth): anyone who reaches "
-        "port %d may infer, load, unload and roll out models",
-        config.host,
-        config.port,
-    )
-
-
-def serve(config: ServerConfig, *, access_log: bool = False, graceful_timeout: int = 30) -> None:
+def serve(
+    config: ServerConfig,
+    *,
+    access_log: bool = False,
+    graceful_timeout: int = 30,
+    worker: bool = False,
+) -> None:
+    """Runs the server until SIGTERM or SIGINT. `worker`: as one worker of a
+    supervisor (see `supervisor`), on the shared port and its private socket."""
     configure_logging(config.log_level, config.log_format == "json")
     check_exposure(config)
-    uvicorn.run(
+    uvicorn_config = uvicorn.Config(
         create_app(config),
         host=config.host,
         port=config.port,
@@ -66,3 +50,19 @@ def serve(config: ServerConfig, *, access_log: bool = False, graceful_timeout: i
         # on every request.
         proxy_headers=False,
     )
+    server = uvicorn.Server(uvicorn_config)
+    server.run(sockets=_worker_sockets(config) if worker else None)
+
+
+def _worker_sockets(config: ServerConfig) -> list[socket.socket]:
+    """The shared port (SO_REUSEPORT, as the supervisor's and every worker's) and this
+    worker's private socket; bound, not listening: uvicorn listens once the models
+    are loaded, so no connection waits on a worker that is starting."""
+    public = reserve_port(config.host, config.port)
+    peers = worker_peers()
+    path = peers.socket(peers.me or "")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    private = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    private.bind(str(path))
+    return [public, private]

@@ -10,6 +10,7 @@ import bisect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 # Upper bounds of the latency histograms `/metrics` exposes, in seconds. Fixed, and the
 # same on every replica, so that histograms aggregate across them (`sum by (le)`).
@@ -75,6 +76,14 @@ class Latency:
     compute: Buckets = field(default_factory=Buckets)
 
 
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def _add(duration: Duration, count: int, ns: int) -> None:
+    duration.count += count
+    duration.ns += ns
+
+
 @dataclass(slots=True)
 class VersionStats:
     success: Duration = field(default_factory=Duration)
@@ -127,6 +136,56 @@ class VersionStats:
         self.fail.add(total_ns)
         self.last_inference_ns = now_ns
 
+    def to_state(self) -> dict[str, Any]:
+        """Every count and sum, for another worker to add into its own (`merge_state`)."""
+        return {
+            "durations": {
+                name: [getattr(self, name).count, getattr(self, name).ns] for name in _DURATIONS
+            },
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "batches": {
+                str(size): [
+                    [d.count, d.ns] for d in (b.compute_input, b.compute_infer, b.compute_output)
+                ]
+                for size, b in self.batches.items()
+            },
+            "last_inference_ns": self.last_inference_ns,
+            "latency": {
+                variant: [[bk.counts, bk.sum_ns] for bk in (lat.total, lat.queue, lat.compute)]
+                for variant, lat in self.latency.items()
+            },
+            "failures": dict(self.failures),
+        }
+
+    def merge_state(self, state: dict[str, Any]) -> None:
+        """Adds another worker's `to_state` into these statistics (the monotonic clock
+        is the machine's, so the later last inference wins)."""
+        for name, (count, ns) in state["durations"].items():
+            _add(getattr(self, name), count, ns)
+        self.inference_count += state["inference_count"]
+        self.execution_count += state["execution_count"]
+        for size, durations in state["batches"].items():
+            batch = self.batches.setdefault(int(size), BatchStats())
+            for duration, (count, ns) in zip(
+                (batch.compute_input, batch.compute_infer, batch.compute_output),
+                durations,
+                strict=True,
+            ):
+                _add(duration, count, ns)
+        last = state["last_inference_ns"]
+        if last is not None and (self.last_inference_ns is None or last > self.last_inference_ns):
+            self.last_inference_ns = last
+        for variant, buckets in state["latency"].items():
+            latency = self.latency.setdefault(variant, Latency())
+            for mine, (counts, sum_ns) in zip(
+                (latency.total, latency.queue, latency.compute), buckets, strict=True
+            ):
+                mine.counts = [a + b for a, b in zip(mine.counts, counts, strict=True)]
+                mine.sum_ns += sum_ns
+        for variant, count in state["failures"].items():
+            self.failures[variant] = self.failures.get(variant, 0) + count
+
     def to_triton(
         self,
         name: str,
@@ -165,3 +224,20 @@ class VersionStats:
                 for size, batch in sorted(self.batches.items())
             ],
         }
+
+
+def whole_server(
+    local: list[tuple[str, int, VersionStats]], others: list[list[Any]]
+) -> list[VersionStats]:
+    """Each local version's statistics plus what other workers report for the same
+    version (`[name, version, to_state()]` triples); versions only others serve (a
+    moment of a swap) are left out, as the local list decides what is shown."""
+    totals: dict[tuple[str, int], VersionStats] = {}
+    for name, version, stats in local:
+        totals[name, version] = VersionStats()
+        totals[name, version].merge_state(stats.to_state())
+    for name, version, state in others:
+        other = totals.get((name, int(version)))
+        if other is not None:
+            other.merge_state(state)
+    return list(totals.values())

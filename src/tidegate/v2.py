@@ -18,6 +18,7 @@ from tidegate.errors import BadRequest, TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import receive_body
 from tidegate.registry import Deployment, Registry
+from tidegate.stats import whole_server
 
 EXTENSIONS = [
     "binary_tensor_data",
@@ -158,8 +159,19 @@ class DataPlane:
             deployments = self.registry.versions(request.path_params["model"])
         else:
             deployments = list(self.registry.deployments())
+        totals = [d.stats for d in deployments]
+        if self.control.peers.enabled:  # the whole server's, whichever worker answers
+            replies = await self.control.peers.call("GET", "/internal/stats")
+            others = [row for reply in replies if reply.status == 200 for row in reply.body]
+            local = [(d.name, d.version, d.stats) for d in deployments]
+            totals = whole_server(local, others)
         return json_response(
-            {"model_stats": [d.stats.to_triton(d.name, d.version_label) for d in deployments]}
+            {
+                "model_stats": [
+                    stats.to_triton(d.name, d.version_label)
+                    for d, stats in zip(deployments, totals, strict=True)
+                ]
+            }
         )
 
     async def drift(self, request: Request) -> Response:
