@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import LiveServer
@@ -402,3 +403,23 @@ def test_a_broken_auth_file_is_refused_before_any_worker_starts(tmp_path: Path, 
     assert result.returncode != 0
     assert "auth.toml" in result.stderr
     assert "worker w0 started" not in result.stderr
+
+
+def test_the_drift_report_counts_the_rows_of_every_worker(two: LiveServer):
+    requests, rows = 60, 5
+    for i in range(requests):
+        body = _wine_body(rows, (i * rows) % 100)
+        assert _fresh(two, "POST", "/v2/models/wine/infer", json=body).status_code == 200
+    time.sleep(1.2)  # each worker's drift observer drains every 0.5 s
+    own = [
+        np.asarray(r.json()["windows"]["inputs"]["counts"]).sum(axis=1)
+        for r in _each_worker(two, "GET", "/internal/drift/wine/1")
+    ]
+    assert all(counts.min() > 0 for counts in own)  # both workers observed some
+    assert (own[0] + own[1] == requests * rows).all()  # every feature counted every row
+    for _ in range(4):
+        report = _fresh(two, "GET", "/v2/models/wine/versions/1/drift").json()
+        assert report["summary"]["window_rows"] == requests * rows
+        state = _fresh(two, "GET", "/v2/models/wine/versions/1/drift/state").json()
+        counts = np.asarray(state["windows"]["inputs"]["counts"]).sum(axis=1)
+        assert (counts == requests * rows).all()

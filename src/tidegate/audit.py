@@ -7,12 +7,19 @@ before the action's response is sent. A crash can leave a partial last line: the
 log is opened so that the next entry starts on a line of its own, and readers skip
 lines that do not parse, so such a tail never stops the server from starting or
 appending.
+
+The workers of one server append to the same file: each entry is one write to a
+descriptor opened for appending, under an advisory lock on the file, so lines of
+any length never interleave.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +37,10 @@ class AuditLog:
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         # Held open for the server's life: one append and fsync per action.
-        self._file = open(path, "ab")
-        if self._file.tell() and not _ends_with_newline(path):
-            self._file.write(b"\n")
-            self._flush()
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        with self._locked():
+            if os.fstat(self._fd).st_size and not _ends_with_newline(path):
+                self._write(b"\n")
 
     def append(
         self,
@@ -55,9 +62,8 @@ class AuditLog:
             "outcome": outcome,
         }
         line = json.dumps(entry, separators=(",", ":"), default=str).encode() + b"\n"
-        with self._lock:
-            self._file.write(line)
-            self._flush()
+        with self._locked():
+            self._write(line)
         return entry
 
     def read(self, model: str | None = None, limit: int | None = None) -> AuditEntries:
@@ -81,11 +87,24 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
-            self._file.close()
+            os.close(self._fd)
 
-    def _flush(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """This process's threads, then the other processes appending to the file."""
+        with self._lock:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _write(self, data: bytes) -> None:
+        """All of `data`, then fsync (called with the lock held)."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -532,7 +532,7 @@ class ControlPlane:
                 log.error("traffic policy of %s not restored: %s", name, exc.message)
                 await self.record("control", "restore", name, "failed", exc.message)
                 self.rollouts.pop(name, None)
-        if state:
+        if state.get("traffic") or state.get("rollouts"):  # models alone: nothing to say
             await self.record("control", "restore", None, "done", f"{len(self.rollouts)} rollouts")
 
     async def _restore_models(self, state: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ serialises updates and reads (see `observer`).
 
 import math
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,8 @@ from tidegate.pending import PendingBatches
 from tidegate.protocol import TensorSpec
 
 EPOCH_SECONDS = 10.0
+# A monitor's raw state (see `DriftMonitor.snapshot`): window -> field -> nested lists.
+Snapshot = dict[str, dict[str, list[Any]]]
 
 
 MIN_ROWS_PER_BIN = 5  # fewer than 5 * B rows in the window: insufficient data
@@ -616,11 +619,15 @@ class DriftMonitor:
         self._epoch_started = now
         self._epoch_rows = 0
 
-    def windows(self) -> dict[str, Any]:
-        """The decayed windows plus the open epoch: what a report reads."""
-        return {key: window.merged(self._epoch[key]) for key, window in self._decayed.items()}
+    def windows(self, others: Sequence[Snapshot] = ()) -> dict[str, Any]:
+        """The decayed windows plus the open epoch: what a report reads; plus `others`,
+        other workers' snapshots of the same version, for the whole server's."""
+        own = {key: window.merged(self._epoch[key]) for key, window in self._decayed.items()}
+        return self._plus(own, others)
 
-    def report(self, now: float) -> dict[str, object]:
+    def report(self, now: float, others: Sequence[Snapshot] = ()) -> dict[str, object]:
+        """The version's drift report; with `others` (snapshots of the same version's
+        monitors in other workers), over all of their traffic."""
         self.roll(now)
         if not self.ready:
             return {
@@ -628,7 +635,7 @@ class DriftMonitor:
                 "reference": {"source": "served", "rows": self._collected_rows},
                 "reference_rows_needed": self.config.reference_rows,
             }
-        windows = self.windows()
+        windows = self.windows(others)
         tests = sum(len(p.names) for p in (self.input_profile, self.output_profile) if p) + len(
             self.classes
         )
@@ -657,11 +664,12 @@ class DriftMonitor:
             "classes": classes,
         }
 
-    def snapshot(self) -> dict[str, dict[str, list[Any]]]:
-        """The raw state (decayed window plus open epoch) as JSON-able lists, to be
-        merged into another monitor of the same version (a worker or a replica)."""
+    def snapshot(self, others: Sequence[Snapshot] = ()) -> Snapshot:
+        """The raw state (decayed window plus open epoch, plus `others`) as JSON-able
+        lists, to be merged into another monitor of the same version (a worker or a
+        replica)."""
         snapshot = {}
-        for key, window in self.windows().items():
+        for key, window in self.windows(others).items():
             fields = Classes.__slots__ if isinstance(window, Classes) else Window.__slots__
             snapshot[key] = {
                 name: np.asarray(getattr(window, name)).tolist()
@@ -670,25 +678,31 @@ class DriftMonitor:
             }
         return snapshot
 
-    def merge_snapshot(self, snapshot: dict[str, dict[str, list[Any]]]) -> None:
+    def merge_snapshot(self, snapshot: Snapshot) -> None:
         """Adds another monitor's `snapshot` of the same model version to this one.
 
         Raises:
             ValueError: the snapshot's tensors or shapes do not match this version's.
         """
-        if set(snapshot) != set(self._decayed):
-            raise ValueError(f"snapshot has {sorted(snapshot)}, expected {sorted(self._decayed)}")
-        merged = {}
-        for key, window in self._decayed.items():
-            arrays = {name: np.asarray(values) for name, values in snapshot[key].items()}
-            if isinstance(window, Classes):
-                other: Any = Classes(window.labels, arrays["counts"], arrays["confidence_sum"])
-            else:
-                other = Window.from_arrays(arrays)
-            if np.shape(other.counts) != np.shape(window.counts):
-                raise ValueError(f"snapshot of {key!r} has another shape")
-            merged[key] = window.merged(other)
-        self._decayed = merged
+        self._decayed = self._plus(self._decayed, [snapshot])
+
+    def _plus(self, windows: dict[str, Any], snapshots: Sequence[Snapshot]) -> dict[str, Any]:
+        """`windows` with `snapshots` added; ValueError naming what does not match."""
+        for snapshot in snapshots:
+            if set(snapshot) != set(windows):
+                raise ValueError(f"snapshot has {sorted(snapshot)}, expected {sorted(windows)}")
+            merged = {}
+            for key, window in windows.items():
+                arrays = {name: np.asarray(values) for name, values in snapshot[key].items()}
+                if isinstance(window, Classes):
+                    other: Any = Classes(window.labels, arrays["counts"], arrays["confidence_sum"])
+                else:
+                    other = Window.from_arrays(arrays)
+                if np.shape(other.counts) != np.shape(window.counts):
+                    raise ValueError(f"snapshot of {key!r} has another shape")
+                merged[key] = window.merged(other)
+            windows = merged
+        return windows
 
 
 def _summary(rows: list[dict[str, Any]], config: DriftConfig) -> dict[str, object]:

@@ -2,6 +2,8 @@
 `peers`): apply a generation of the desired state, and hand over its share of what
 the server reads as a whole (the judge's step windows, the statistics)."""
 
+import asyncio
+
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,6 +33,7 @@ class InternalApi:
             Route("/internal/reconcile", self.reconcile, methods=["POST"]),
             Route("/internal/windows/{model}", self.windows, methods=["GET"]),
             Route("/internal/stats", self.stats, methods=["GET"]),
+            Route("/internal/drift/{model}/{version}", self.drift_state, methods=["GET"]),
         ]
 
     async def reconcile(self, request: Request) -> Response:
@@ -52,3 +55,10 @@ class InternalApi:
         _private(request)
         deployments = self.control.registry.deployments()
         return json_response([[d.name, d.version, d.stats.to_state()] for d in deployments])
+
+    async def drift_state(self, request: Request) -> Response:
+        """This worker's own drift state of a version (NotFound before it has one)."""
+        _private(request)
+        name, version = request.path_params["model"], request.path_params["version"]
+        deployment = self.control.registry.resolve(name, version)
+        return json_response(await asyncio.to_thread(deployment.drift_state))

@@ -32,9 +32,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -95,29 +96,33 @@ class Deployment:
             self.config.runtime.inline_below_us * 1000,
         )
 
-    def drift_state(self) -> dict[str, object]:
+    def drift_state(self, others: Sequence[dict[str, Any]] = ()) -> dict[str, object]:
         """The raw drift state, to merge with other workers' or replicas' (see
-        `DriftMonitor.merge_snapshot`); NotFound when this version has none yet."""
+        `DriftMonitor.merge_snapshot`); plus `others`, other workers' `drift_state`s
+        of this version. NotFound when this version has none yet."""
         if self.drift is None or not self.drift.ready:
             raise NotFound(f"model '{self.name}' version {self.version} has no drift state")
         with self.drift.lock:
-            windows = self.drift.snapshot()
+            windows = self.drift.snapshot([other["windows"] for other in others])
+            dropped = self.drift.dropped
         return {
             "model_name": self.name,
             "model_version": self.version_label,
             "inputs": list(self.drift.inputs.names),
             "outputs": list(self.drift.outputs.names),
+            "dropped_batches": dropped + sum(other["dropped_batches"] for other in others),
             "windows": windows,
         }
 
-    def drift_report(self) -> dict[str, object]:
-        """The version's drift report (blocking: numpy work under the monitor's lock)."""
+    def drift_report(self, others: Sequence[dict[str, Any]] = ()) -> dict[str, object]:
+        """The version's drift report (blocking: numpy work under the monitor's lock);
+        with `others` (other workers' `drift_state`s), over the whole server's traffic."""
         head: dict[str, object] = {"model_name": self.name, "model_version": self.version_label}
         if self.drift is None:
             return {**head, "state": "disabled"}
         with self.drift.lock:
-            report = self.drift.report(time.monotonic())
-            dropped = self.drift.dropped
+            report = self.drift.report(time.monotonic(), [other["windows"] for other in others])
+            dropped = self.drift.dropped + sum(other["dropped_batches"] for other in others)
         return {**head, "dropped_batches": dropped, "kernels": kernels_in_use(), **report}
 
 

@@ -175,18 +175,34 @@ class DataPlane:
         )
 
     async def drift(self, request: Request) -> Response:
-        """The drift report of one version, or of every serving version of a model."""
+        """The drift report of one version, or of every serving version of a model,
+        over the whole server's traffic (every worker's)."""
         name = request.path_params["model"]
         if "version" in request.path_params:
-            report = await asyncio.to_thread(self._resolve(request).drift_report)
-            return json_response(report)
-        deployments = self.registry.versions(name)
-        reports = await asyncio.to_thread(lambda: [d.drift_report() for d in deployments])
+            deployment = self._resolve(request)
+            others = await self._other_drift_states(deployment)
+            return json_response(await asyncio.to_thread(deployment.drift_report, others))
+        reports = []
+        for deployment in self.registry.versions(name):
+            others = await self._other_drift_states(deployment)
+            reports.append(await asyncio.to_thread(deployment.drift_report, others))
         return json_response({"model_name": name, "versions": reports})
 
     async def drift_state(self, request: Request) -> Response:
-        """A version's raw drift state (sums and counts), for merging elsewhere."""
-        return json_response(await asyncio.to_thread(self._resolve(request).drift_state))
+        """A version's raw drift state (sums and counts), for merging elsewhere: the
+        whole server's (every worker's, added)."""
+        deployment = self._resolve(request)
+        others = await self._other_drift_states(deployment)
+        return json_response(await asyncio.to_thread(deployment.drift_state, others))
+
+    async def _other_drift_states(self, deployment: Deployment) -> list[dict[str, Any]]:
+        """The other workers' drift states of this version (none has one before its
+        reference is complete: it is left out)."""
+        if not self.control.peers.enabled or deployment.drift is None:
+            return []
+        path = f"/internal/drift/{deployment.name}/{deployment.version_label}"
+        replies = await self.control.peers.call("GET", path)
+        return [reply.body for reply in replies if reply.status == 200]
 
     # -- Triton's model repository extension ----------------------------------------
 
