@@ -221,6 +221,10 @@ def test_a_canary_split_holds_over_both_workers(two: LiveServer):
     total = sum(served.values())
     assert total == sum(statuses.values())
     assert served["2"] / total == pytest.approx(0.10, abs=0.015)
+    # The traffic status's window counts the requests of both workers too.
+    window = _fresh(two, "GET", "/v2/models/wine/traffic").json()["window"]
+    assert window["split"] == {"stable": served["1"], "canary": served["2"]}
+    assert window["canary"]["requests"] == served["2"]
 
 
 def test_a_bad_canary_rolls_back_once_on_the_traffic_of_both_workers(

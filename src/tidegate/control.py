@@ -73,26 +73,34 @@ class ControlPlane:
     # -- reading ----------------------------------------------------------------------
 
     async def read_traffic(self, name: str) -> dict[str, Any]:
-        """The traffic status, once any change in progress is on disk."""
+        """The traffic status, once any change in progress is on disk; its window
+        counts every worker's requests."""
         async with self._lock:
-            return self.traffic_status(name)
+            return self.traffic_status(name, await self._whole_windows(name))
 
     async def read_rollout(self, name: str) -> dict[str, Any]:
-        """The rollout status, once any transition in progress is on disk."""
+        """The rollout status, once any transition in progress is on disk; its window
+        counts every worker's requests."""
         async with self._lock:
-            return self.rollout_status(name)
+            return self.rollout_status(name, await self._whole_windows(name))
 
-    def traffic_status(self, name: str) -> dict[str, Any]:
+    async def _whole_windows(self, name: str) -> StepWindows | None:
+        live = self.traffic.live(name)
+        return None if live is None else await self._merged_windows(name, live.windows)
+
+    def traffic_status(self, name: str, windows: StepWindows | None = None) -> dict[str, Any]:
+        """The model's policy, the version answering as stable, and the step windows
+        (`windows`, else this process's own)."""
         deployment = self.registry.resolve(name)
         policy = self.traffic.policy(name)
         document: dict[str, Any] = {"model_name": name, **policy.to_json()}
         document["stable"] = deployment.version_label
         live = self.traffic.live(name)
         if live is not None:
-            document["window"] = live.windows.to_json()
+            document["window"] = (windows or live.windows).to_json()
         return document
 
-    def rollout_status(self, name: str) -> dict[str, Any]:
+    def rollout_status(self, name: str, windows: StepWindows | None = None) -> dict[str, Any]:
         rollout = self.rollouts.get(name)
         if rollout is None:
             raise NotFound(f"model '{name}' has no rollout")
@@ -114,7 +122,7 @@ class ControlPlane:
         }
         live = self.traffic.live(name)
         if live is not None and not rollout.finished:
-            document["window"] = live.windows.to_json()
+            document["window"] = (windows or live.windows).to_json()
         return document
 
     # -- operator actions ---------------------------------------------------------------
