@@ -256,12 +256,10 @@ def test_a_bad_canary_rolls_back_once_on_the_traffic_of_both_workers(
 
 
 def test_a_killed_worker_comes_back_serving_the_current_state(two: LiveServer):
-    loaded = two.client.post(
-        "/v2/repository/models/wine/load", json={"parameters": {"version": "2"}}
-    )
-    assert loaded.status_code == 200, loaded.text
-    policy = {"stable": "1", "canary": "2", "weight": 30}
-    assert two.client.put("/v2/models/wine/traffic", json=policy).status_code == 200
+    # A rollout in progress: it holds at its first step (10 %) for an hour.
+    slow = {**FAST, "min_dwell_s": 3600, "max_dwell_s": 7200}
+    started = two.client.post("/v2/models/wine/rollout", json={"version": "2", **slow})
+    assert started.status_code == 200, started.text
     before = _wait_for_workers(two, 2)
     load = Load(two, threads=8)
     try:
@@ -283,9 +281,12 @@ def test_a_killed_worker_comes_back_serving_the_current_state(two: LiveServer):
     print(f"requests: {sum(statuses.values())}, failed when w1 was killed: {failed}")
     assert set(statuses) <= {200, 0}, statuses
     assert failed <= 8  # at most one in flight per client thread
+    for response in _each_worker(two, "GET", "/v2/models/wine/rollout"):
+        document = response.json()
+        assert (document["status"], document["step"], document["weight"]) == ("running", 1, 10)
     for response in _each_worker(two, "GET", "/v2/models/wine/traffic"):
         document = response.json()
-        assert (document["stable"], document["canary"], document["weight"]) == ("1", "2", 30)
+        assert (document["stable"], document["canary"], document["weight"]) == ("1", "2", 10)
     assert "worker w1 (pid" in two.log()
     assert "restarting it in" in two.log()
 
