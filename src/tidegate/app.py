@@ -22,7 +22,14 @@ from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import ASGIApp, InferRouter, error_parts
 from tidegate.internal import InternalApi
-from tidegate.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, collectors, render
+from tidegate.metrics import (
+    CONTENT_TYPE as METRICS_CONTENT_TYPE,
+    GAUGE_MERGE,
+    collectors,
+    render,
+    server_collectors,
+)
+from tidegate.metrics_merge import merge
 from tidegate.observer import DriftObserver
 from tidegate.peers import worker_peers
 from tidegate.poller import RepositoryPoller
@@ -112,9 +119,22 @@ def create_app(config: ServerConfig) -> ASGIApp:
             )
         )
     metrics = collectors(registry, observer, control, count_in_flight, request_log)
+    server_metrics = server_collectors(control.peers.run_dir)
+
+    def own_metrics() -> bytes:
+        return render(metrics)
 
     async def metrics_endpoint(request: Request) -> Response:
-        body = await asyncio.to_thread(render, metrics)
+        body = await asyncio.to_thread(own_metrics)
+        if control.peers.enabled:  # the whole server's, whichever worker answers
+            texts = [body.decode()]
+            for reply in await control.peers.call("GET", "/internal/metrics"):
+                if reply.status == 200 and isinstance(reply.body, dict):
+                    texts.append(reply.body["exposition"])
+                else:
+                    log.warning("/metrics without worker %s: %s", reply.worker, reply.body)
+            body = await asyncio.to_thread(merge, texts, GAUGE_MERGE)
+        body += await asyncio.to_thread(render, server_metrics)
         return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     @contextlib.asynccontextmanager
@@ -159,7 +179,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
         routes=[
             *_routes(plane),
             *ControlApi(control, config.max_body_bytes).routes(),
-            *InternalApi(control, traffic, config.max_body_bytes).routes(),
+            *InternalApi(control, traffic, config.max_body_bytes, own_metrics).routes(),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
         lifespan=lifespan,

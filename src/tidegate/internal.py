@@ -1,8 +1,9 @@
 """The endpoints one worker answers for the others, on its private socket only (see
 `peers`): apply a generation of the desired state, and hand over its share of what
-the server reads as a whole (the judge's step windows, the statistics)."""
+the server reads as a whole (the judge's step windows, the statistics, the metrics)."""
 
 import asyncio
+from collections.abc import Callable
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,16 +24,24 @@ def _private(request: Request) -> None:
 
 
 class InternalApi:
-    def __init__(self, control: ControlPlane, traffic: Traffic, max_body: int) -> None:
+    def __init__(
+        self,
+        control: ControlPlane,
+        traffic: Traffic,
+        max_body: int,
+        own_metrics: Callable[[], bytes],
+    ) -> None:
         self.control = control
         self.traffic = traffic
         self.max_body = max_body
+        self.own_metrics = own_metrics  # this worker's exposition (blocking)
 
     def routes(self) -> list[Route]:
         return [
             Route("/internal/reconcile", self.reconcile, methods=["POST"]),
             Route("/internal/windows/{model}", self.windows, methods=["GET"]),
             Route("/internal/stats", self.stats, methods=["GET"]),
+            Route("/internal/metrics", self.metrics, methods=["GET"]),
             Route("/internal/drift/{model}/{version}", self.drift_state, methods=["GET"]),
         ]
 
@@ -62,3 +71,9 @@ class InternalApi:
         name, version = request.path_params["model"], request.path_params["version"]
         deployment = self.control.registry.resolve(name, version)
         return json_response(await asyncio.to_thread(deployment.drift_state))
+
+    async def metrics(self, request: Request) -> Response:
+        """This worker's own `/metrics` text, as {"exposition": text} (see `metrics_merge`)."""
+        _private(request)
+        text = await asyncio.to_thread(self.own_metrics)
+        return json_response({"exposition": text.decode()})

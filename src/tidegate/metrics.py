@@ -1,4 +1,5 @@
-"""The only prometheus_client importer: what `GET /metrics` exposes.
+"""What `GET /metrics` exposes (with `metrics_merge`, the only prometheus_client
+importer).
 
 Everything is computed when scraped, never on the request path: request counts
 from the per-version statistics that `/stats` reads too, drift gauges from each
@@ -6,11 +7,17 @@ version's drift report. Label cardinality is bounded: at most
 `MAX_FEATURES_PER_VERSION` features per model version get a PSI series (the
 first ones, in a stable order, so series do not come and go between scrapes);
 the per-version maximum PSI covers the rest.
+
+Under `--workers N`, each worker's collectors (`collectors`) cover its own share,
+and the worker that is scraped adds the others' (`metrics_merge`, by the rules in
+`GAUGE_MERGE`); then `server_collectors` adds what belongs to no worker: the
+worker count and restarts, from the supervisor's file, once.
 """
 
 import bisect
 import itertools
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -24,15 +31,39 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from tidegate.control import ControlPlane
 from tidegate.drift import kernels_in_use
+from tidegate.metrics_merge import Rule
 from tidegate.observer import DriftObserver
 from tidegate.registry import Registry
 from tidegate.requestlog import RequestLog
 from tidegate.rollout import STATUSES
 from tidegate.stats import LATENCY_BOUNDS_S, Buckets, VersionStats
+from tidegate.supervisor import read_status
 
 MAX_FEATURES_PER_VERSION = 100
 VERDICTS = {"no_drift": 0.0, "drift": 1.0, "insufficient_data": -1.0}
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# How the workers' values of each gauge make the whole server's (see `metrics_merge`;
+# counters and histograms are summed). A gauge not named here is summed: fit for a
+# per-process quantity, wrong for anything else, so a new gauge belongs here.
+GAUGE_MERGE: dict[str, Rule] = {
+    "tidegate_inflight_requests": "sum",
+    "tidegate_queue_depth": "sum",
+    "tidegate_drift_queue_batches": "sum",
+    # Each worker loaded the version itself: the slowest load.
+    "tidegate_model_load_seconds": "max",
+    # Each worker's drift is measured on its own share of the traffic: the worst
+    # worker's (the whole server's PSI is in the merged report, `/drift`).
+    "tidegate_drift_psi": "max",
+    "tidegate_drift_max_psi": "max",
+    "tidegate_drift_verdict": "max",  # 1 drift, over 0 no drift, over -1 insufficient
+    # The same on every worker (one desired state, one kernel build): not summed.
+    "tidegate_drift_kernels_info": "same",
+    "tidegate_rollout_step": "same",
+    "tidegate_rollout_weight_percent": "same",
+    "tidegate_rollout_status": "same",
+    "tidegate_rollout_check": "same",
+}
 
 
 class DriftCollector:
@@ -273,6 +304,32 @@ class RequestLogCollector:
         yield from (written, dropped)
 
 
+class WorkersCollector:
+    """The worker count and each slot's restarts, read from the supervisor's file in
+    the run directory at scrape time (see `supervisor`); a one-process server (no run
+    directory) is one worker, never restarted."""
+
+    def __init__(self, run_dir: Path | None) -> None:
+        self._run_dir = run_dir
+
+    def collect(self) -> Iterator[Metric]:
+        workers = GaugeMetricFamily(
+            "tidegate_workers", "Worker processes the server is configured to run."
+        )
+        restarts = CounterMetricFamily(
+            "tidegate_worker_restarts",
+            "Times a worker died and the supervisor restarts it (counted at the death: "
+            "the restart follows a back-off).",
+            labels=["worker"],
+        )
+        status = (1, {}) if self._run_dir is None else read_status(self._run_dir)
+        if status is not None:
+            workers.add_metric([], status[0])
+            for slot, count in sorted(status[1].items()):
+                restarts.add_metric([slot], count)
+        yield from (workers, restarts)
+
+
 def collectors(
     registry: Registry,
     observer: DriftObserver,
@@ -287,6 +344,13 @@ def collectors(
     collected.register(RolloutCollector(control))
     if request_log is not None:
         collected.register(RequestLogCollector(request_log))
+    return collected
+
+
+def server_collectors(run_dir: Path | None) -> CollectorRegistry:
+    """What the server has once, not each worker: rendered after the workers' sum."""
+    collected = CollectorRegistry(auto_describe=False)
+    collected.register(WorkersCollector(run_dir))
     return collected
 
 

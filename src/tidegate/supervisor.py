@@ -17,6 +17,10 @@ back-off that doubles with each death in a row; if one slot dies
 `CRASH_LIMIT` times within `CRASH_WINDOW_S`, the server stops and exits 1.
 SIGTERM or SIGINT is passed on to every worker, which drains its requests as a
 one-process server does; the supervisor exits once they have.
+
+The supervisor keeps `supervisor.json` in the run directory up to date (at start
+and after each death): the worker count and each slot's restarts, which any
+worker's `/metrics` exposes (see `metrics.WorkersCollector`).
 """
 
 import contextlib
@@ -47,6 +51,7 @@ CRASH_WINDOW_S = 60.0
 BACKOFF_S = 0.5  # the first restart's delay, doubled per death in the window, up to:
 BACKOFF_MAX_S = 10.0
 POLL_S = 0.1
+STATUS_FILE = "supervisor.json"  # in the run directory: {"workers": N, "restarts": {...}}
 
 
 def config_to_env(config: ServerConfig) -> str:
@@ -70,6 +75,23 @@ def reserve_port(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     return sock
+
+
+def write_status(run_dir: Path, workers: int, restarts: dict[str, int]) -> None:
+    """Replaces `STATUS_FILE` atomically: a reader sees the old file or the new one."""
+    temporary = run_dir / f".{STATUS_FILE}.tmp"
+    temporary.write_text(json.dumps({"workers": workers, "restarts": restarts}))
+    os.replace(temporary, run_dir / STATUS_FILE)
+
+
+def read_status(run_dir: Path) -> tuple[int, dict[str, int]] | None:
+    """The worker count and restarts per slot in `STATUS_FILE`; None if unreadable."""
+    try:
+        document = json.loads((run_dir / STATUS_FILE).read_text())
+        restarts = {str(slot): int(count) for slot, count in document["restarts"].items()}
+        return int(document["workers"]), restarts
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
 
 
 @dataclass(slots=True)
@@ -104,6 +126,7 @@ class Supervisor:
             os.getpid(),
         )
         try:
+            self._write_status()
             for slot in self._slots:
                 self._start(slot)
             return self._watch()
@@ -145,6 +168,7 @@ class Supervisor:
         delay = min(BACKOFF_S * 2 ** (len(slot.deaths) - 1), BACKOFF_MAX_S)
         slot.restart_at = now + delay
         slot.restarts += 1
+        self._write_status()
         log.error(
             "worker %s (pid %d) exited with status %s; restarting it in %.1f s (restart %d)",
             slot.name,
@@ -154,6 +178,12 @@ class Supervisor:
             slot.restarts,
         )
         return False
+
+    def _write_status(self) -> None:
+        try:
+            write_status(self.run_dir, self.workers, {s.name: s.restarts for s in self._slots})
+        except OSError as exc:  # only the metrics miss it: serving goes on
+            log.error("cannot write %s: %s", self.run_dir / STATUS_FILE, exc)
 
     def _start(self, slot: _Slot) -> None:
         with contextlib.suppress(FileNotFoundError):
