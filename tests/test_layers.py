@@ -28,6 +28,8 @@ LAYERS = {
         "auth",
         "jsonlog",
         "pending",
+        "supervisor",
+        "exposure",
     },
     1: {
         "codec",
@@ -41,15 +43,28 @@ LAYERS = {
         "judge",
         "rollout",
         "requestlog",
+        "peers",
+        "metrics_merge",
     },
-    2: {"batcher", "registry", "poller", "observer", "bench", "canary", "control"},
-    3: {"infer", "v2", "app", "client", "metrics", "control_api", "access"},
-    4: {"server", "connection", "cli", "cli_common", "cli_rollout", "cli_bench", "__main__"},
+    2: {"batcher", "registry", "poller", "observer", "bench", "canary", "control", "reconcile"},
+    3: {"infer", "v2", "app", "client", "metrics", "control_api", "access", "internal"},
+    4: {
+        "server",
+        "connection",
+        "cli",
+        "cli_common",
+        "cli_rollout",
+        "cli_bench",
+        "__main__",
+        "worker",
+    },
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
 OWNERS = {
     "onnxruntime": {"runtime"},
-    "starlette": {"v2", "app", "control_api"},
+    "starlette": {"v2", "app", "control_api", "internal"},
+    # The workers' calls to each other over their private sockets.
+    "httpx": {"peers"},
     "uvicorn": {"server", "connection"},
     "httptools": {"connection"},
     "click": {"cli", "cli_common", "cli_rollout", "cli_bench"},
@@ -57,7 +72,7 @@ OWNERS = {
     # kernels_build runs in a subprocess: serving processes load its output, not numba.
     "numba": {"kernels", "kernels_build"},
     "llvmlite": set(),
-    "prometheus_client": {"metrics"},
+    "prometheus_client": {"metrics", "metrics_merge"},
     "matplotlib": {"benchplot"},
     "orjson": {"codec", "infer", "v2", "workload", "bench", "requestlog"},
 }
