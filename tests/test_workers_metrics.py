@@ -237,3 +237,21 @@ def test_merge_sums_a_summary_but_leaves_its_quantiles_out():
         ("s_count", ()): 4.0,
         ("s_sum", ()): 6.0,
     }
+
+
+def test_drift_gauges_are_the_merged_report_of_every_worker(two: LiveServer):
+    for i in range(60):
+        answer = _fresh(two, "POST", "/v2/models/wine/infer", json=_wine_body(5, (i * 5) % 100))
+        assert answer.status_code == 200
+    time.sleep(1.2)  # each worker's drift observer drains every 0.5 s
+    report = _fresh(two, "GET", "/v2/models/wine/versions/1/drift").json()
+    assert report["summary"]["window_rows"] == 300  # both workers' rows
+    for _ in range(4):
+        samples = _samples(_scrape(two))
+        labels = {"model": "wine", "version": "1"}
+        for row in report["inputs"]:
+            psi = _value(
+                samples, "tidegate_drift_psi", **labels, tensor_kind="input", feature=row["name"]
+            )
+            assert psi == row["psi"]
+        assert _value(samples, "tidegate_drift_max_psi", **labels) == report["summary"]["max_psi"]

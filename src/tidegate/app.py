@@ -28,6 +28,7 @@ from tidegate.metrics import (
     collectors,
     render,
     server_collectors,
+    whole_server_drift,
 )
 from tidegate.metrics_merge import merge
 from tidegate.observer import DriftObserver
@@ -134,6 +135,12 @@ def create_app(config: ServerConfig) -> ASGIApp:
                 else:
                     log.warning("/metrics without worker %s: %s", reply.worker, reply.body)
             body = await asyncio.to_thread(merge, texts, GAUGE_MERGE)
+            others = {
+                (d.name, d.version_label): await control.peers.drift_states(d.name, d.version_label)
+                for d in registry.deployments()
+                if d.drift is not None
+            }
+            body += await asyncio.to_thread(render, whole_server_drift(registry, others))
         body += await asyncio.to_thread(render, server_metrics)
         return Response(body, media_type=METRICS_CONTENT_TYPE)
 

@@ -693,7 +693,7 @@ class DriftMonitor:
                 raise ValueError(f"snapshot has {sorted(snapshot)}, expected {sorted(windows)}")
             merged = {}
             for key, window in windows.items():
-                arrays = {name: np.asarray(values) for name, values in snapshot[key].items()}
+                arrays = {name: _array(name, values) for name, values in snapshot[key].items()}
                 if isinstance(window, Classes):
                     other: Any = Classes(window.labels, arrays["counts"], arrays["confidence_sum"])
                 else:
@@ -703,6 +703,19 @@ class DriftMonitor:
                 merged[key] = window.merged(other)
             windows = merged
         return windows
+
+
+# A window's range where it saw no value: JSON (the snapshot on the wire) has no
+# infinities and writes null for them.
+_NO_VALUE = {"vmin": np.inf, "vmax": -np.inf}
+
+
+def _array(name: str, values: list[Any]) -> np.ndarray:
+    """A snapshot field as an array, its nulls (see `_NO_VALUE`) made infinite again."""
+    fill = _NO_VALUE.get(name)
+    if fill is None:
+        return np.asarray(values)
+    return np.array([fill if value is None else value for value in values], dtype=float)
 
 
 def _summary(rows: list[dict[str, Any]], config: DriftConfig) -> dict[str, object]:

@@ -52,8 +52,8 @@ GAUGE_MERGE: dict[str, Rule] = {
     "tidegate_drift_queue_batches": "sum",
     # Each worker loaded the version itself: the slowest load.
     "tidegate_model_load_seconds": "max",
-    # Each worker's drift is measured on its own share of the traffic: the worst
-    # worker's (the whole server's PSI is in the merged report, `/drift`).
+    # With workers, no worker's exposition has these: they are computed once on the
+    # windows of every worker added (`whole_server_drift`). Max, should one appear.
     "tidegate_drift_psi": "max",
     "tidegate_drift_max_psi": "max",
     "tidegate_drift_verdict": "max",  # 1 drift, over 0 no drift, over -1 insufficient
@@ -66,12 +66,18 @@ GAUGE_MERGE: dict[str, Rule] = {
 }
 
 
-class DriftCollector:
-    """Drift gauges of every serving version, read from their monitors at scrape time."""
+# Other workers' drift states, per (model, version label): what a version's drift
+# gauges add to this worker's own windows (see `drift_collectors`).
+OtherDriftStates = dict[tuple[str, str], list[dict[str, Any]]]
 
-    def __init__(self, registry: Registry, observer: DriftObserver) -> None:
+
+class DriftCollector:
+    """Drift gauges of every serving version, read from their monitors at scrape time:
+    with `others`, over the whole server's windows, else this process's."""
+
+    def __init__(self, registry: Registry, others: OtherDriftStates | None = None) -> None:
         self._registry = registry
-        self._observer = observer
+        self._others = others or {}
 
     def collect(self) -> Iterator[Metric]:
         psi = GaugeMetricFamily(
@@ -95,7 +101,8 @@ class DriftCollector:
             labels=["model", "version"],
         )
         for deployment in self._registry.deployments():
-            report: dict[str, Any] = deployment.drift_report()
+            others = self._others.get((deployment.name, deployment.version_label), [])
+            report: dict[str, Any] = deployment.drift_report(others)
             if report.get("state") != "ready":
                 continue
             labels = [deployment.name, deployment.version_label]
@@ -109,6 +116,16 @@ class DriftCollector:
                 max_psi.add_metric(labels, summary["max_psi"])
             verdict.add_metric(labels, VERDICTS[summary["verdict"]])
             dropped.add_metric(labels, report["dropped_batches"])
+        yield from (psi, max_psi, verdict, dropped)
+
+
+class DriftProcessCollector:
+    """The drift observer's queue and the kernels this process runs."""
+
+    def __init__(self, observer: DriftObserver) -> None:
+        self._observer = observer
+
+    def collect(self) -> Iterator[Metric]:
         observer = self._observer.statistics()
         queue = GaugeMetricFamily(
             "tidegate_drift_queue_batches", "Batches waiting for the drift observer."
@@ -122,7 +139,7 @@ class DriftCollector:
         )
         if (backend := kernels_in_use()) is not None:
             kernels.add_metric([backend], 1)
-        yield from (psi, max_psi, verdict, dropped, queue, kernels)
+        yield from (queue, kernels)
 
 
 def _histogram(name: str, documentation: str, labels: list[str]) -> HistogramMetricFamily:
@@ -340,7 +357,9 @@ def collectors(
     """A private collector registry (not the process-wide default) for one app."""
     collected = CollectorRegistry(auto_describe=False)
     collected.register(InferenceCollector(registry, in_flight))
-    collected.register(DriftCollector(registry, observer))
+    collected.register(DriftProcessCollector(observer))
+    if not control.peers.enabled:  # else computed once on the merged windows
+        collected.register(DriftCollector(registry))
     collected.register(RolloutCollector(control))
     if request_log is not None:
         collected.register(RequestLogCollector(request_log))
@@ -351,6 +370,15 @@ def server_collectors(run_dir: Path | None) -> CollectorRegistry:
     """What the server has once, not each worker: rendered after the workers' sum."""
     collected = CollectorRegistry(auto_describe=False)
     collected.register(WorkersCollector(run_dir))
+    return collected
+
+
+def whole_server_drift(registry: Registry, others: OtherDriftStates) -> CollectorRegistry:
+    """The drift gauges of a server with workers: each version's windows added over
+    every worker (`others`: the other workers' drift states), then reported once,
+    as `/drift` does. Rendered after the workers' sum."""
+    collected = CollectorRegistry(auto_describe=False)
+    collected.register(DriftCollector(registry, others))
     return collected
 
 

@@ -60,6 +60,14 @@ class Peers:
         )
         return [reply for reply in replies if reply is not None]
 
+    async def drift_states(self, model: str, version: str) -> list[dict[str, Any]]:
+        """The other workers' drift states of a version (see `Deployment.drift_state`);
+        a worker without one yet (its reference is not complete) is left out."""
+        if self.run_dir is None:
+            return []
+        replies = await self.call("GET", f"/internal/drift/{model}/{version}")
+        return [reply.body for reply in replies if reply.status == 200]
+
     async def _call(
         self, worker: str, method: str, path: str, body: object | None, limit_s: float
     ) -> Reply | None:

@@ -196,13 +196,9 @@ class DataPlane:
         return json_response(await asyncio.to_thread(deployment.drift_state, others))
 
     async def _other_drift_states(self, deployment: Deployment) -> list[dict[str, Any]]:
-        """The other workers' drift states of this version (none has one before its
-        reference is complete: it is left out)."""
-        if not self.control.peers.enabled or deployment.drift is None:
+        if deployment.drift is None:
             return []
-        path = f"/internal/drift/{deployment.name}/{deployment.version_label}"
-        replies = await self.control.peers.call("GET", path)
-        return [reply.body for reply in replies if reply.status == 200]
+        return await self.control.peers.drift_states(deployment.name, deployment.version_label)
 
     # -- Triton's model repository extension ----------------------------------------
 
