@@ -46,12 +46,13 @@ async def per_await_us(fn: Callable[[], Awaitable[object]], count: int) -> float
 
 async def main(count: int) -> None:
     app = create_app(ServerConfig(MODELS))
-    await app.registry.load_all()
+    registry = app.core.registry
+    await registry.load_all()
     print("| model | raw onnxruntime us | decode us | run us | encode us | whole app us | vs raw |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for model, version in shipped_versions(None):
         try:
-            deployment = app.registry.resolve(model, str(version))
+            deployment = registry.resolve(model, str(version))
         except NotFound:  # a version its config does not serve (wine's rollout candidates)
             continue
         feeds = first_row(model, version)

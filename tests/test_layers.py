@@ -46,7 +46,17 @@ LAYERS = {
         "peers",
         "metrics_merge",
     },
-    2: {"batcher", "registry", "poller", "observer", "bench", "canary", "control", "reconcile"},
+    2: {
+        "batcher",
+        "registry",
+        "poller",
+        "observer",
+        "bench",
+        "canary",
+        "control",
+        "reconcile",
+        "serving",
+    },
     3: {"infer", "v2", "app", "client", "metrics", "control_api", "access", "internal"},
     4: {
         "server",

@@ -3,30 +3,27 @@
 `InferRouter` sits in front of the Starlette application. `POST .../infer` is
 recognised by splitting the path once and answered here; every other request
 goes on to Starlette. Per request this does one body read, one decode, one run
-(as part of a batch, see `Batcher`), one encode and two
-ASGI sends, and records Triton's statistics.
+(as part of a batch, see `Batcher`; routing and records: `serving`), one encode
+and two ASGI sends.
 """
 
 import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
-import numpy as np
 import orjson
 
 from tidegate import codec
-from tidegate.canary import ModelTraffic, Traffic
+from tidegate.canary import Traffic
 from tidegate.errors import BadRequest, MethodNotAllowed, Overloaded, TidegateError, TooLarge
 from tidegate.observer import DriftObserver
 from tidegate.protocol import ascii_number
 from tidegate.registry import Deployment, Registry
 from tidegate.requestlog import RequestLog, timestamp
-from tidegate.stats import Timings
-from tidegate.traffic import TrafficPolicy
+from tidegate.serving import InferenceCore, Served, Tensors
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -107,7 +104,7 @@ async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], b
 def _log_entry(
     target: tuple[str, str | None],
     started: int,
-    served: "_Served | None",
+    served: "Served[tuple[bytes, int | None]] | None",
     status: int,
     error: str | None,
 ) -> dict[str, object]:
@@ -117,7 +114,7 @@ def _log_entry(
         "request_id": None if served is None else served.request_id,
         "model": target[0],
         "version": target[1] if served is None else served.deployment.version_label,
-        "variant": None if served is None else served.variant,
+        "variant": None if served is None else served.variant.name,
         "latency_ms": (time.perf_counter_ns() - started) / 1e6,
         "status": status,
         "outcome": "success" if error is None and status == 200 else "error",
@@ -163,9 +160,7 @@ class InferRouter:
         request_log: RequestLog | None = None,
     ) -> None:
         self.app = app
-        self.registry = registry
-        self.traffic = traffic
-        self.observer = observer
+        self.core = InferenceCore(registry, traffic, observer)
         self.max_body = max_body
         self.in_flight = 0  # infer requests being answered now
         self.request_log = request_log
@@ -195,7 +190,7 @@ class InferRouter:
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}")
             served = await self._infer(scope, receive, *target)
-            status, headers, body = 200, served.headers, served.body
+            status, headers, body = 200, _headers(served), served.payload[0]
         except TidegateError as exc:
             status, headers, body = error_parts(exc)
             error = exc.message
@@ -214,14 +209,8 @@ class InferRouter:
             status, headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
             body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
         await respond(send, status, headers, body)
-        # Only now, with the answer handed back: the drift statistics of the whole batch,
-        # off this thread (one request of each batch carries them).
-        if served is not None and served.observed is not None:
-            drift = served.deployment.drift
-            if drift is not None:
-                self.observer.submit(drift, *served.observed)
-        if served is not None and served.mirror is not None:
-            self.traffic.mirror(*served.mirror)
+        if served is not None:  # only now, with the answer handed back
+            self.core.after(served)
         if sampled and self.request_log is not None:
             entry = _log_entry(target, started, served, int(status), error)
             if received:
@@ -231,70 +220,22 @@ class InferRouter:
 
     async def _infer(
         self, scope: Scope, receive: Receive, model: str, version: str | None
-    ) -> "_Served":
+    ) -> "Served[tuple[bytes, int | None]]":
         started = time.perf_counter_ns()
-        deployment = self.registry.resolve(model, version)
+        deployment = self.core.resolve(model, version)
         try:
             decoded, rows, key, decode_ns = await self._decode(scope, receive, deployment)
         except TidegateError:
-            deployment.stats.record_failure(time.perf_counter_ns() - started, time.monotonic_ns())
+            self.core.refused(deployment, started)
             raise
-        live = self.traffic.live(model) if version is None else None
-        variant = STABLE
-        mirror = False
-        if live is not None:
-            chosen = self.traffic.route(live, key if key is not None else decoded.routing_key)
-            canary = self.traffic.canary(live) if chosen and not live.shadow else None
-            if canary is not None:
-                deployment, variant = canary, CANARY
-            mirror = chosen and live.shadow
-        elif version is not None:
-            stable = self.registry.resolve(model).version
-            variant = _variant(self.traffic.policy(model), deployment.version, stable)
-        windows = None if live is None else live.windows
-        try:
-            result = await deployment.batcher.infer(decoded.inputs, rows, decoded.timeout_us)
-            encode_start = time.perf_counter_ns()
-            payload, json_length = codec.encode_response(
-                deployment.name,
-                deployment.version_label,
-                decoded,
-                result.outputs,
-                deployment.model.meta,
+
+        def encode(answering: Deployment, outputs: Tensors) -> tuple[bytes, int | None]:
+            return codec.encode_response(
+                answering.name, answering.version_label, decoded, outputs, answering.model.meta
             )
-        except TidegateError:
-            deployment.stats.record_failure(
-                time.perf_counter_ns() - started, time.monotonic_ns(), variant.name
-            )
-            if windows is not None:
-                self.traffic.record(windows, variant is CANARY, None, None)
-            raise
-        finished = time.perf_counter_ns()
-        deployment.stats.record_success(
-            rows,
-            Timings(
-                total=finished - started,
-                queue=result.queue_ns,
-                compute_input=decode_ns,
-                compute_infer=result.run_ns,
-                compute_output=finished - encode_start,
-            ),
-            time.monotonic_ns(),
-            variant.name,
-        )
-        if windows is not None and rows:  # an empty batch says nothing about a canary
-            batch_ns = result.queue_ns + result.run_ns
-            self.traffic.record(windows, variant is CANARY, batch_ns, result.outputs)
-        if json_length is None:
-            headers = [JSON_TYPE, deployment.version_header, variant.header]
-        else:
-            length_header = (b"inference-header-content-length", str(json_length).encode())
-            headers = [_BINARY_TYPE, deployment.version_header, variant.header, length_header]
-        mirrored = (
-            (live, decoded.inputs, rows, result.outputs) if mirror and live and rows else None
-        )
-        return _Served(
-            headers, payload, deployment, result.observed, mirrored, variant.name, decoded.id
+
+        return await self.core.infer(
+            deployment, version, decoded, rows, key, started, decode_ns, encode
         )
 
     async def _decode(
@@ -332,37 +273,12 @@ class InferRouter:
         return decoded, rows, key, time.perf_counter_ns() - decode_start
 
 
-@dataclass(slots=True, frozen=True)
-class Variant:
-    """The role of the version that answered: in statistics, metrics and a header."""
-
-    name: str
-    header: tuple[bytes, bytes]
-
-
-def _named(name: str) -> Variant:
-    return Variant(name, (b"tidegate-variant", name.encode()))
-
-
-STABLE, CANARY, OTHER = _named("stable"), _named("canary"), _named("other")
-
-
-def _variant(policy: TrafficPolicy, version: int, stable: int) -> Variant:
-    """The variant of a request that named its version."""
-    if version == policy.canary:
-        return CANARY
-    return STABLE if version == stable else OTHER
-
-
-@dataclass(slots=True, frozen=True)
-class _Served:
-    """An answered request: its response, and what the drift statistics observe."""
-
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    deployment: Deployment
-    observed: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None
-    # In shadow mode, sampled: (model, inputs, rows, stable's outputs) to mirror.
-    mirror: tuple[ModelTraffic, dict[str, np.ndarray], int, dict[str, np.ndarray]] | None
-    variant: str
-    request_id: str | None  # the V2 request's `id`
+def _headers(served: "Served[tuple[bytes, int | None]]") -> list[tuple[bytes, bytes]]:
+    """The response headers: the type, the version and variant that answered, and for
+    binary outputs the length of the JSON part."""
+    json_length = served.payload[1]
+    version = served.deployment.version_header
+    if json_length is None:
+        return [JSON_TYPE, version, served.variant.header]
+    length = (b"inference-header-content-length", str(json_length).encode())
+    return [_BINARY_TYPE, version, served.variant.header, length]
