@@ -9,7 +9,7 @@ REPO ?= models
 CONSTRAINTS := constraints.txt
 PIP := $(BIN)/python -m pip install -c $(CONSTRAINTS)
 
-.PHONY: install install-test install-bench kernels serve test check format bench models lock clean
+.PHONY: install install-test install-bench kernels serve test check format bench models proto lock clean
 
 # Each install also compiles the drift kernels ahead of time (`tidegate kernels build`,
 # into the kernel cache), so the first serve loads them instead of building them; without
@@ -64,6 +64,11 @@ format: install-test
 
 models: install-test
 	$(BIN)/python scripts/build_models.py models
+
+# The Python code of the gRPC protocol, from src/tidegate/proto/*.proto (committed; see
+# the script and that package's docstring).
+proto: install-test
+	PYTHON=$(BIN)/python scripts/gen_proto.sh
 
 bench: install-bench
 	$(BIN)/python benchmarks/bench_hotpath.py

@@ -1,7 +1,9 @@
 """The architecture, checked cheaply: which module may import what.
 
 A module may import tidegate modules of its own layer or lower ones, and each
-heavy third-party library stays in the one module that owns it."""
+heavy third-party library stays in the one module that owns it. A module of a
+subpackage is named by its dotted path below tidegate (`proto.model_config_pb2`),
+the subpackage itself by its name (`proto`)."""
 
 import ast
 import subprocess
@@ -30,6 +32,11 @@ LAYERS = {
         "pending",
         "supervisor",
         "exposure",
+        # The gRPC protocol's definitions: protoc's output and the pool it registers in.
+        "proto",
+        "proto.grpc_service_pb2",
+        "proto.grpc_service_pb2_grpc",
+        "proto.model_config_pb2",
     },
     1: {
         "codec",
@@ -85,6 +92,18 @@ OWNERS = {
     "prometheus_client": {"metrics", "metrics_merge"},
     "matplotlib": {"benchplot"},
     "orjson": {"codec", "infer", "v2", "workload", "bench", "requestlog"},
+    # The gRPC transport: the generated protocol code, its server and its codec.
+    "grpc": {"proto.grpc_service_pb2_grpc", "grpc_server", "grpc_codec"},
+    # google.protobuf, the messages' runtime.
+    "google": {
+        "proto",
+        "proto.grpc_service_pb2",
+        "proto.model_config_pb2",
+        "grpc_server",
+        "grpc_codec",
+    },
+    "grpc_health": {"grpc_server"},
+    "grpc_reflection": {"grpc_server"},
 }
 
 
@@ -95,26 +114,40 @@ def _imports(path: Path) -> set[str]:
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
-            if node.module == "tidegate":
-                names |= {f"tidegate.{alias.name}" for alias in node.names}
+            if node.module.partition(".")[0] == "tidegate":
+                names |= {f"{node.module}.{alias.name}" for alias in node.names}
     return names
 
 
-MODULES = sorted(PACKAGE.glob("*.py"))
+def _module(path: Path) -> str:
+    """The module's name below tidegate: `codec`, `proto.model_config_pb2`, `proto`."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if len(parts) > 1 and parts[-1] == "__init__" else parts)
+
+
+def _target(rest: str) -> str:
+    """The module an import of `tidegate.REST` loads last: the longest prefix of REST
+    that names a module, else the package's `__init__` (`tidegate.__version__`)."""
+    parts = rest.split(".")
+    prefixes = (".".join(parts[:end]) for end in range(len(parts), 0, -1))
+    return next((name for name in prefixes if name in MODULE_NAMES), "__init__")
+
+
+MODULES = sorted([*PACKAGE.glob("*.py"), *PACKAGE.glob("*/*.py")])
+MODULE_NAMES = {_module(path) for path in MODULES}
 
 
 def test_every_module_has_a_layer():
-    assert {p.stem for p in MODULES} == set(LAYER_OF)
+    assert MODULE_NAMES == set(LAYER_OF)
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", MODULES, ids=_module)
 def test_imports_follow_the_layers(path: Path):
-    module = path.stem
+    module = _module(path)
     for name in _imports(path):
         top, _, rest = name.partition(".")
         if top == "tidegate" and rest:
-            target = rest.split(".")[0]
-            target = target if (PACKAGE / f"{target}.py").exists() else "__init__"
+            target = _target(rest)
             assert LAYER_OF[target] <= LAYER_OF[module], f"{module} imports {target}"
         owners = OWNERS.get(top)
         if owners is not None:
