@@ -52,6 +52,9 @@ class LiveServer:
                 str(repository),
                 "--port",
                 str(self.port),
+                # gRPC off unless a test asks for it: servers of parallel tests would
+                # otherwise all share Triton's default port.
+                *([] if "--grpc-port" in extra else ["--grpc-port", "0"]),
                 *extra,
             ],
             stdout=self._log,

@@ -4,6 +4,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -117,3 +118,17 @@ def split_binary(body: bytes, header_length: int, key: str) -> tuple[dict, list[
         offset += size
     assert offset == len(body)
     return document, blobs
+
+
+def client_inputs(client: Any, shipped: ShippedVersion, feeds: dict, **options: Any) -> list[Any]:
+    """tritonclient's InferInputs (of `client`: tritonclient.http or tritonclient.grpc)
+    holding `feeds`; `options` go to set_data_from_numpy (HTTP's binary_data)."""
+    inputs = []
+    for arg in session(shipped.path).get_inputs():
+        array = feeds[arg.name]
+        if array.dtype == object:  # tritonclient sends BYTES from bytes objects
+            array = np.vectorize(str.encode, otypes=[object])(array)
+        infer_input = client.InferInput(arg.name, list(array.shape), ONNX_TO_V2[arg.type])
+        infer_input.set_data_from_numpy(array, **options)
+        inputs.append(infer_input)
+    return inputs

@@ -17,6 +17,7 @@ from tests.shipped import (
     SHIPPED,
     ShippedVersion,
     assert_same_output,
+    client_inputs,
     expected_outputs,
     reference_rows,
     session,
@@ -29,15 +30,7 @@ def triton(server: LiveServer) -> httpclient.InferenceServerClient:
 
 
 def _inputs(shipped: ShippedVersion, feeds: dict, binary: bool) -> list[httpclient.InferInput]:
-    inputs = []
-    for arg in session(shipped.path).get_inputs():
-        array = feeds[arg.name]
-        if array.dtype == object:  # tritonclient sends BYTES from bytes objects
-            array = np.vectorize(str.encode, otypes=[object])(array)
-        infer_input = httpclient.InferInput(arg.name, list(array.shape), ONNX_TO_V2[arg.type])
-        infer_input.set_data_from_numpy(array, binary_data=binary)
-        inputs.append(infer_input)
-    return inputs
+    return client_inputs(httpclient, shipped, feeds, binary_data=binary)
 
 
 @pytest.mark.parametrize("binary_out", [False, True], ids=["json-out", "binary-out"])

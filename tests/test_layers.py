@@ -52,6 +52,7 @@ LAYERS = {
         "requestlog",
         "peers",
         "metrics_merge",
+        "grpc_codec",
     },
     2: {
         "batcher",
@@ -64,7 +65,17 @@ LAYERS = {
         "reconcile",
         "serving",
     },
-    3: {"infer", "v2", "app", "client", "metrics", "control_api", "access", "internal"},
+    3: {
+        "infer",
+        "v2",
+        "app",
+        "client",
+        "metrics",
+        "control_api",
+        "access",
+        "internal",
+        "grpc_server",
+    },
     4: {
         "server",
         "connection",

@@ -39,6 +39,7 @@ from tidegate.requestlog import RequestLog, RequestLogConfig
 from tidegate.v2 import DataPlane, json_response
 
 log = logging.getLogger("tidegate.app")
+GRPC_GRACE_S = 30.0  # seconds gRPC calls in flight get at shutdown
 
 
 async def _tidegate_error(request: Request, exc: Exception) -> Response:
@@ -107,6 +108,9 @@ def create_app(config: ServerConfig) -> ASGIApp:
     traffic = Traffic(registry, observer)
     state_dir = config.state_dir or config.repository / ".tidegate"
     control = ControlPlane(registry, traffic, state_dir, worker_peers())
+    auth = None  # one auth file for both transports
+    if config.auth_file is not None:
+        auth = AuthFile(config.auth_file, on_reload=_audit_reloads(control))
     plane = DataPlane(registry, executor, config.max_body_bytes, control)
 
     def count_in_flight() -> int:
@@ -164,9 +168,20 @@ def create_app(config: ServerConfig) -> ASGIApp:
         tasks = [asyncio.create_task(control.run())]
         if control.peers.enabled:
             tasks.append(asyncio.create_task(control.follow_forever()))
+        grpc_server = None
+        if config.grpc_port:  # imported only then: a server without gRPC loads none of it
+            from tidegate import grpc_server as grpc_transport
+
+            service = grpc_transport.InferenceService(router.core, control, executor, auth)
+            grpc_server = await grpc_transport.start(
+                service, config.host, config.grpc_port, config.max_body_bytes
+            )
         try:
             yield
         finally:
+            if grpc_server is not None:
+                # As HTTP's drain: no new calls, those in flight finish (bounded).
+                await grpc_server.stop(GRPC_GRACE_S)
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -197,9 +212,9 @@ def create_app(config: ServerConfig) -> ASGIApp:
         },
     )
     router = InferRouter(app, registry, traffic, observer, config.max_body_bytes, request_log)
-    if config.auth_file is None:
+    if auth is None:
         return router
-    return AccessGate(router, AuthFile(config.auth_file, on_reload=_audit_reloads(control)))
+    return AccessGate(router, auth)
 
 
 def _audit_reloads(control: ControlPlane) -> Callable[[bool, str], None]:

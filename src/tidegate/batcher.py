@@ -47,7 +47,7 @@ from functools import partial
 import numpy as np
 
 from tidegate.config import BatchingConfig
-from tidegate.errors import Overloaded, TidegateError
+from tidegate.errors import Overloaded, TidegateError, TimedOut
 from tidegate.executor import InferenceExecutor
 from tidegate.runtime import OnnxModel
 from tidegate.stats import VersionStats
@@ -308,5 +308,5 @@ def _split(outputs: Tensors, sizes: list[int], rows: int) -> list[Tensors]:
 def _expire(waiting: _Waiting, timeout_us: int) -> None:
     if not waiting.future.done():
         waiting.future.set_exception(
-            Overloaded(f"the request waited its timeout of {timeout_us} us without running")
+            TimedOut(f"the request waited its timeout of {timeout_us} us without running")
         )

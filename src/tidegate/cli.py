@@ -129,6 +129,13 @@ def main() -> None:
     help="Also log each sampled request's body and its response.",
 )
 @click.option(
+    "--grpc-port",
+    default=8001,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="Port of the V2 gRPC transport (0: off).",
+)
+@click.option(
     "--workers",
     default="1",
     show_default=True,
@@ -163,6 +170,7 @@ def serve(
     request_log_dir: Path | None,
     request_log_sample: float,
     request_log_payload: bool,
+    grpc_port: int,
     workers: str,
     access_log: bool,
     log_level: str,
@@ -176,6 +184,7 @@ def serve(
         repository=repository.resolve(),
         host=host,
         port=port,
+        grpc_port=grpc_port,
         max_body_bytes=max_body_size,
         max_header_bytes=max_header_size,
         max_headers=max_headers,

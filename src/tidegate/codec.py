@@ -50,7 +50,7 @@ class InferRequest:
     routing_key: bytes | None  # the `routing_key` parameter: which side of a canary split
 
 
-def _shape(spec: TensorSpec, raw: object) -> tuple[int, ...]:
+def tensor_shape(spec: TensorSpec, raw: object) -> tuple[int, ...]:
     if type(raw) is not list or not all(type(d) is int and d >= 0 for d in raw):
         raise BadRequest(f"input '{spec.name}': shape must be a list of non-negative integers")
     if len(raw) != len(spec.shape) or any(
@@ -165,7 +165,7 @@ def _binary_size(spec: TensorSpec, parameters: dict[str, Any]) -> int | None:
     return size
 
 
-def _from_binary(
+def from_binary(
     spec: TensorSpec, body: memoryview, offset: int, size: int, shape: tuple[int, ...]
 ) -> np.ndarray:
     if offset + size > len(body):
@@ -185,7 +185,7 @@ def _from_binary(
     return np.frombuffer(body, dtype=datatype.numpy, count=count, offset=offset).reshape(shape)
 
 
-def _reject_non_finite(spec: TensorSpec, array: np.ndarray) -> None:
+def reject_non_finite(spec: TensorSpec, array: np.ndarray) -> None:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         raise BadRequest(f"input '{spec.name}' contains NaN or infinity, which this model refuses")
 
@@ -216,6 +216,34 @@ def _requested_outputs(
         binary = parameters.get("binary_data", binary_default)
         requested.append(RequestedOutput(name, binary is True))
     return tuple(requested)
+
+
+def input_spec(
+    meta: ModelMetadata, name: object, datatype: object, seen: dict[str, np.ndarray]
+) -> TensorSpec:
+    """The model's input `name`, once it is known to be one, not yet given (`seen`),
+    and sent as its datatype; else the BadRequest that says which is wrong."""
+    specs = meta.inputs_by_name
+    spec = specs.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise BadRequest(f"unknown input {name!r}; the model takes: {', '.join(specs)}")
+    if spec.name in seen:
+        raise BadRequest(f"input '{spec.name}' is given twice")
+    if datatype != spec.datatype.name:
+        supported = isinstance(datatype, str) and datatype in DATATYPES
+        known = "" if supported else " (not a datatype tidegate supports)"
+        raise BadRequest(
+            f"input '{spec.name}': datatype {datatype!r}{known} but the model takes "
+            f"{spec.datatype.name}"
+        )
+    return spec
+
+
+def check_complete(meta: ModelMetadata, arrays: dict[str, np.ndarray]) -> None:
+    """BadRequest naming the first input the request lacks."""
+    missing = [name for name in meta.inputs_by_name if name not in arrays]
+    if missing:
+        raise BadRequest(f"missing input '{missing[0]}'")
 
 
 def decode_request(
@@ -252,27 +280,14 @@ def decode_request(
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("'inputs' must be a non-empty JSON array")
 
-    specs = meta.inputs_by_name
     view = memoryview(body)
     offset = header_length
     arrays: dict[str, np.ndarray] = {}
     for item in raw_inputs:
         entry = _object(item, "each input")
         name = entry.get("name")
-        spec = specs.get(name) if isinstance(name, str) else None
-        if spec is None:
-            raise BadRequest(f"unknown input {name!r}; the model takes: {', '.join(specs)}")
-        if name in arrays:
-            raise BadRequest(f"input '{name}' is given twice")
-        datatype = entry.get("datatype")
-        if datatype != spec.datatype.name:
-            supported = isinstance(datatype, str) and datatype in DATATYPES
-            known = "" if supported else " (not a datatype tidegate supports)"
-            raise BadRequest(
-                f"input '{name}': datatype {datatype!r}{known} but the model takes "
-                f"{spec.datatype.name}"
-            )
-        shape = _shape(spec, entry.get("shape"))
+        spec = input_spec(meta, name, entry.get("datatype"), arrays)
+        shape = tensor_shape(spec, entry.get("shape"))
         size = _binary_size(
             spec, _object(entry.get("parameters", {}), f"input '{name}' parameters")
         )
@@ -283,21 +298,19 @@ def decode_request(
         else:
             if "data" in entry:
                 raise BadRequest(f"input '{name}' has both 'data' and binary_data_size")
-            array = _from_binary(spec, view, offset, size, shape)
+            array = from_binary(spec, view, offset, size, shape)
             offset += size
         if reject_nan:
-            _reject_non_finite(spec, array)
+            reject_non_finite(spec, array)
         arrays[spec.name] = array
 
-    missing = [name for name in specs if name not in arrays]
-    if missing:
-        raise BadRequest(f"missing input '{missing[0]}'")
+    check_complete(meta, arrays)
     if offset != len(body):
         raise BadRequest(
             f"body has {len(body) - header_length} bytes of binary data but the inputs "
             f"declare {offset - header_length}"
         )
-    _check_batch(arrays, meta, max_batch_size)
+    check_batch(arrays, meta, max_batch_size)
 
     parameters = _object(request.get("parameters", {}), "request parameters")
     binary_output = parameters.get("binary_data_output") is True
@@ -363,7 +376,7 @@ def _timeout(parameters: dict[str, Any]) -> int | None:
     return timeout or None
 
 
-def _check_batch(arrays: dict[str, np.ndarray], meta: ModelMetadata, max_batch_size: int) -> None:
+def check_batch(arrays: dict[str, np.ndarray], meta: ModelMetadata, max_batch_size: int) -> None:
     if max_batch_size <= 0 or not meta.batched:
         return
     rows = {array.shape[0] for array in arrays.values()}
@@ -382,7 +395,7 @@ def _bytes_blob(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
-def _binary_blob(datatype: Datatype, array: np.ndarray) -> bytes | memoryview:
+def output_blob(datatype: Datatype, array: np.ndarray) -> bytes | memoryview:
     """An output's raw tensor bytes: a view of the array's memory, with no copy."""
     if datatype.name == "BYTES":
         return _bytes_blob(array)
@@ -454,7 +467,7 @@ def encode_response(
             "shape": list(array.shape),
         }
         if output.binary:
-            blob = _binary_blob(datatype, array)
+            blob = output_blob(datatype, array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -143,6 +143,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 64 * 1024 * 1024
+    # The V2 protocol's gRPC transport, as Triton's port; 0: off.
+    grpc_port: int = 8001
     # Over these a request gets 431 (a target alone over the bytes, 414): see `connection`.
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS

@@ -88,3 +88,8 @@ class Overloaded(TidegateError):
     def __init__(self, message: str, retry_after: int = 1) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TimedOut(Overloaded):
+    """A request's own `timeout` passed before it ran: 503 over HTTP (as Triton), and
+    DEADLINE_EXCEEDED over gRPC."""

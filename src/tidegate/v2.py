@@ -54,7 +54,7 @@ async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
     return document
 
 
-def _metadata(name: str, deployments: list[Deployment]) -> dict[str, object]:
+def metadata_document(name: str, deployments: list[Deployment]) -> dict[str, object]:
     meta = deployments[-1].model.meta
     return {
         "name": name,
@@ -65,7 +65,7 @@ def _metadata(name: str, deployments: list[Deployment]) -> dict[str, object]:
     }
 
 
-def _triton_config(deployment: Deployment, threads: int) -> dict[str, object]:
+def triton_config(deployment: Deployment, threads: int) -> dict[str, object]:
     """The model configuration as Triton renders it, for perf_analyzer and tritonclient."""
     batch = deployment.max_batch_size
     policy = deployment.config.versions
@@ -141,8 +141,8 @@ class DataPlane:
     async def model_metadata(self, request: Request) -> Response:
         name = request.path_params["model"]
         if "version" in request.path_params:
-            return json_response(_metadata(name, [self._resolve(request)]))
-        return json_response(_metadata(name, self.registry.versions(name)))
+            return json_response(metadata_document(name, [self._resolve(request)]))
+        return json_response(metadata_document(name, self.registry.versions(name)))
 
     async def model_ready(self, request: Request) -> Response:
         deployment = self._resolve(request)
@@ -150,7 +150,7 @@ class DataPlane:
 
     async def model_config(self, request: Request) -> Response:
         threads = self.executor.threads
-        return json_response(_triton_config(self._resolve(request), threads))
+        return json_response(triton_config(self._resolve(request), threads))
 
     async def model_stats(self, request: Request) -> Response:
         if "version" in request.path_params:
