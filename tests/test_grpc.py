@@ -22,6 +22,7 @@ from tritonclient.utils import InferenceServerException
 from tests import shipped as catalog
 from tests.conftest import MODELS, SHIPPED_ONLY, LiveServer, free_port
 from tests.test_access import TOKENS, write_auth_file
+from tests.test_workers import _each_worker
 
 WINE = catalog.ShippedVersion("wine", 1)
 
@@ -286,3 +287,81 @@ def test_roles_over_grpc(guarded):
     with pytest.raises(InferenceServerException) as raised:
         grpcclient.InferenceServerClient(url).unload_model("wine", headers=inferer)
     assert raised.value.status() == "StatusCode.PERMISSION_DENIED"
+
+
+def _serve_fresh(tmp_path: Path, *extra: str) -> LiveServer:
+    return _serve(tmp_path, "--state-dir", str(tmp_path / "state"), *extra)
+
+
+def test_a_canary_split_and_sticky_keys_over_grpc(tmp_path: Path):
+    server = _serve_fresh(tmp_path)
+    try:
+        loaded = server.client.post(
+            "/v2/repository/models/wine/load", json={"parameters": {"version": "2"}}
+        )
+        assert loaded.status_code == 200, loaded.text
+        policy = {"stable": "1", "canary": "2", "weight": 20}
+        assert server.client.put("/v2/models/wine/traffic", json=policy).status_code == 200
+        client = grpcclient.InferenceServerClient(server.grpc_url)  # type: ignore[attr-defined]
+        inputs = _inputs(WINE, catalog.reference_rows(WINE, 1))
+        versions = [client.infer("wine", inputs).get_response().model_version for _ in range(2000)]
+        assert versions.count("2") / 2000 == pytest.approx(0.20, abs=0.03)
+        for key in ("alice", "bob", "carol", "dave"):
+            # A key sees one version whichever transport carries it.
+            seen = {
+                client.infer("wine", inputs, parameters={"routing_key": key})
+                .get_response()
+                .model_version
+                for _ in range(10)
+            }
+            body = {
+                **catalog.json_request("input", "FP32", catalog.reference_rows(WINE, 1)["input"]),
+                "parameters": {"routing_key": key},
+            }
+            over_http = server.client.post("/v2/models/wine/infer", json=body)
+            assert seen == {over_http.headers["tidegate-model-version"]}
+    finally:
+        server.stop()
+
+
+def test_a_message_over_the_body_limit_is_refused_and_the_server_goes_on(tmp_path: Path):
+    server = _serve_fresh(tmp_path, "--max-body-size", "100000")
+    try:
+        client = grpcclient.InferenceServerClient(server.grpc_url)  # type: ignore[attr-defined]
+        rows = np.zeros((2000, 13), np.float32)  # 104 kB of raw data
+        big = grpcclient.InferInput("input", list(rows.shape), "FP32")
+        big.set_data_from_numpy(rows)
+        with pytest.raises(InferenceServerException) as raised:
+            client.infer("wine", [big])
+        assert raised.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        small = _inputs(WINE, catalog.reference_rows(WINE, 2))
+        assert client.infer("wine", small).as_numpy("label").shape == (2,)
+    finally:
+        server.stop()
+
+
+def test_every_worker_serves_grpc_on_the_shared_port(tmp_path: Path):
+    server = _serve_fresh(tmp_path, "--workers", "2")
+    try:
+        url = server.grpc_url  # type: ignore[attr-defined]
+        inputs = _inputs(WINE, catalog.reference_rows(WINE, 1))
+        sent = 0
+        # Each new client is a new connection: the kernel spreads them over the workers.
+        for _ in range(40):
+            client = grpcclient.InferenceServerClient(url)
+            for _ in range(5):
+                assert client.infer("wine", inputs).as_numpy("label").shape == (1,)
+                sent += 1
+            client.close()
+        stats = grpcclient.InferenceServerClient(url).get_inference_statistics("wine", "1")
+        assert stats.model_stats[0].inference_stats.success.count == sent
+        served = [
+            row[2]["durations"]["success"][0]
+            for response in _each_worker(server, "GET", "/internal/stats")
+            for row in response.json()
+            if row[:2] == ["wine", 1]
+        ]
+        assert sum(served) == sent
+        assert all(count > 0 for count in served), served  # both workers answered gRPC
+    finally:
+        server.stop()

@@ -40,7 +40,7 @@ from tidegate.proto import POOL, grpc_service_pb2 as pb, grpc_service_pb2_grpc a
 from tidegate.protocol import ascii_number
 from tidegate.registry import Deployment
 from tidegate.serving import InferenceCore, Tensors
-from tidegate.v2 import EXTENSIONS, metadata_document, triton_config
+from tidegate.v2 import EXTENSIONS, metadata_document, server_stats, triton_config
 
 SERVICE = "inference.GRPCInferenceService"
 STREAM_IN_FLIGHT = 1024  # requests of one stream being answered at once; more wait
@@ -151,7 +151,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 deployments = list(self.core.registry.deployments())
         except TidegateError as exc:
             await self._fail(context, exc)
-        stats = [d.stats.to_triton(d.name, d.version_label) for d in deployments]
+        totals = await server_stats(self.control.peers, deployments)
+        stats = [
+            t.to_triton(d.name, d.version_label) for d, t in zip(deployments, totals, strict=True)
+        ]
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     def _deployments(self, name: str, version: str) -> list[Deployment]:

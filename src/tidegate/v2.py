@@ -17,8 +17,9 @@ from tidegate.control import ControlPlane
 from tidegate.errors import BadRequest, TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import receive_body
+from tidegate.peers import Peers
 from tidegate.registry import Deployment, Registry
-from tidegate.stats import whole_server
+from tidegate.stats import VersionStats, whole_server
 
 EXTENSIONS = [
     "binary_tensor_data",
@@ -108,6 +109,16 @@ def triton_config(deployment: Deployment, threads: int) -> dict[str, object]:
     return config
 
 
+async def server_stats(peers: Peers, deployments: list[Deployment]) -> list[VersionStats]:
+    """The versions' statistics for the whole server, whichever worker answers: each
+    worker's, summed (this process's own without other workers)."""
+    if not peers.enabled:
+        return [d.stats for d in deployments]
+    replies = await peers.call("GET", "/internal/stats")
+    others = [row for reply in replies if reply.status == 200 for row in reply.body]
+    return whole_server([(d.name, d.version, d.stats) for d in deployments], others)
+
+
 class DataPlane:
     """The V2 endpoints, bound to one registry and one inference executor."""
 
@@ -159,12 +170,7 @@ class DataPlane:
             deployments = self.registry.versions(request.path_params["model"])
         else:
             deployments = list(self.registry.deployments())
-        totals = [d.stats for d in deployments]
-        if self.control.peers.enabled:  # the whole server's, whichever worker answers
-            replies = await self.control.peers.call("GET", "/internal/stats")
-            others = [row for reply in replies if reply.status == 200 for row in reply.body]
-            local = [(d.name, d.version, d.stats) for d in deployments]
-            totals = whole_server(local, others)
+        totals = await server_stats(self.control.peers, deployments)
         return json_response(
             {
                 "model_stats": [
