@@ -31,10 +31,10 @@ RUN mkdir -p "$NUMBA_CACHE_DIR" \
     && chown -R tidegate:tidegate /var/cache/tidegate /app/models
 
 USER tidegate
-EXPOSE 8000
+EXPOSE 8000 8001
 # With an auth file, health needs a reader's token: pass one as TIDEGATE_HEALTH_TOKEN.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, sys, urllib.request as u; t = os.environ.get('TIDEGATE_HEALTH_TOKEN'); h = {'Authorization': 'Bearer ' + t} if t else {}; sys.exit(u.urlopen(u.Request('http://127.0.0.1:8000/v2/health/ready', headers=h), timeout=2).status != 200)"]
 # Inside a container the port is published by the runtime, so bind every interface;
 # beyond loopback tidegate needs an auth file (mount one here; see the README).
-CMD ["tidegate", "serve", "/app/models", "--host", "0.0.0.0", "--port", "8000", "--auth-file", "/etc/tidegate/auth.toml"]
+CMD ["tidegate", "serve", "/app/models", "--host", "0.0.0.0", "--port", "8000", "--grpc-port", "8001", "--auth-file", "/etc/tidegate/auth.toml"]
