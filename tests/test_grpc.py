@@ -5,6 +5,9 @@ reflection, and fuzzed messages."""
 
 import queue
 import shutil
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -365,3 +368,18 @@ def test_every_worker_serves_grpc_on_the_shared_port(tmp_path: Path):
         assert all(count > 0 for count in served), served  # both workers answered gRPC
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_grpc_port_another_program_holds_is_refused_by_name(tmp_path: Path, workers: str):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        command = [sys.executable, "-m", "tidegate", "serve", str(MODELS), "--port", "0"]
+        command += ["--grpc-port", str(port), "--workers", workers]
+        command += ["--state-dir", str(tmp_path / "state")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"cannot serve gRPC on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr

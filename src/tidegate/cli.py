@@ -208,12 +208,13 @@ def serve(
             run_server(config, access_log=access_log)
             return
         # Not the serving stack: the supervisor only starts and restarts workers.
-        from tidegate.exposure import check_exposure
+        from tidegate.exposure import check_exposure, check_grpc_port
         from tidegate.jsonlog import configure_logging
         from tidegate.supervisor import Supervisor
 
         configure_logging(config.log_level, config.log_format == "json")
         check_exposure(config)
+        check_grpc_port(config)
         if config.auth_file is not None:  # refused here once, not by every worker in turn
             from tidegate.auth import parse_auth_file
 

@@ -35,3 +35,20 @@ def check_exposure(config: ServerConfig) -> None:
         config.host,
         config.port,
     )
+
+
+def check_grpc_port(config: ServerConfig) -> None:
+    """Refuses at once, by name, a gRPC port another program holds: grpcio would
+    only fail later, inside the server's start-up, with a traceback. A port held by
+    tidegate's own workers (SO_REUSEPORT, the same user) is free to share."""
+    if not config.grpc_port:
+        return
+    from tidegate.supervisor import reserve_port
+
+    try:
+        reserve_port(config.host, config.grpc_port).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot serve gRPC on {config.host}:{config.grpc_port}: {exc.strerror} "
+            "(--grpc-port 0 turns gRPC off)"
+        ) from exc

@@ -14,7 +14,7 @@ import uvicorn
 from tidegate.app import create_app
 from tidegate.config import ServerConfig
 from tidegate.connection import protocol_class
-from tidegate.exposure import check_exposure
+from tidegate.exposure import check_exposure, check_grpc_port
 from tidegate.jsonlog import configure_logging
 from tidegate.peers import worker_peers
 from tidegate.supervisor import reserve_port
@@ -33,6 +33,7 @@ def serve(
     supervisor (see `supervisor`), on the shared port and its private socket."""
     configure_logging(config.log_level, config.log_format == "json")
     check_exposure(config)
+    check_grpc_port(config)
     uvicorn_config = uvicorn.Config(
         create_app(config),
         host=config.host,
