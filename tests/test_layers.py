@@ -46,6 +46,7 @@ LAYERS = {
         "drift",
         "workload",
         "loadgen",
+        "loadgen_grpc",
         "benchplot",
         "judge",
         "rollout",
@@ -103,8 +104,9 @@ OWNERS = {
     "prometheus_client": {"metrics", "metrics_merge"},
     "matplotlib": {"benchplot"},
     "orjson": {"codec", "infer", "v2", "workload", "bench", "requestlog"},
-    # The gRPC transport: the generated protocol code, its server and its codec.
-    "grpc": {"proto.grpc_service_pb2_grpc", "grpc_server", "grpc_codec"},
+    # The gRPC transport: the generated protocol code, its server and its codec, and
+    # the load generator's client.
+    "grpc": {"proto.grpc_service_pb2_grpc", "grpc_server", "grpc_codec", "loadgen_grpc"},
     # google.protobuf, the messages' runtime.
     "google": {
         "proto",

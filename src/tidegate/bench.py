@@ -1,6 +1,7 @@
 """`tidegate bench` without the terminal: model metadata, the request pool, load levels
 run in one or several client processes, the server's own statistics around each
-level, and the results as plain data (JSON and CSV rows).
+level, and the results as plain data (JSON and CSV rows). Over HTTP (tidegate.loadgen)
+or, for a gRPC target, over gRPC (tidegate.loadgen_grpc).
 
 Several processes split a level (concurrency or rate) between them and their
 tallies merge exactly: counts add up and the latency histograms merge by addition.
@@ -9,6 +10,7 @@ tallies merge exactly: counts add up and the latency histograms merge by additio
 import csv
 import http.client
 import multiprocessing
+from collections.abc import Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from tidegate import loadgen_grpc
 from tidegate.histogram import LatencyHistogram
 from tidegate.loadgen import ClientLoad, LevelResult, Plan, Tally, Target, run_level
 from tidegate.workload import (
@@ -58,10 +61,14 @@ def prepare(
     binary: bool,
 ) -> list[PreparedRequest]:
     """The request pool: from a JSON file of V2 requests, a .npz of rows, or random data
-    shaped after the model's metadata."""
+    shaped after the model's metadata. Binary bodies for gRPC, whatever `binary` says."""
     if source.endswith(".json"):
         return json_requests(Path(source))
-    metadata = get_json(target, _model_path(model, version))
+    if target.grpc:
+        binary = True
+        metadata = loadgen_grpc.model_metadata(target, model, version)
+    else:
+        metadata = get_json(target, _model_path(model, version))
     if metadata is None:
         raise RuntimeError(
             f"the server has no model '{model}'" + (f" version {version}" if version else "")
@@ -88,7 +95,10 @@ class ServerTimes:
 def server_stats(target: Target, model: str, version: str | None) -> dict[str, Any] | None:
     """The model's inference_stats summed over its versions, or None if not offered."""
     try:
-        document = get_json(target, _model_path(model, version) + "/stats")
+        if target.grpc:
+            document = loadgen_grpc.model_statistics(target, model, version)
+        else:
+            document = get_json(target, _model_path(model, version) + "/stats")
     except (OSError, RuntimeError, orjson.JSONDecodeError):
         return None
     if not isinstance(document, dict) or not document.get("model_stats"):
@@ -132,12 +142,25 @@ def split(plan: Plan, parts: int) -> list[Plan]:
     return [replace(plan, rate=plan.rate / parts, seed=plan.seed + i) for i in range(parts)]
 
 
+def _level(
+    target: Target,
+    model: str,
+    version: str | None,
+    prepared: list[PreparedRequest],
+    plan: Plan,
+    live: Tally | None = None,
+) -> Coroutine[Any, Any, LevelResult]:
+    if target.grpc:
+        return loadgen_grpc.run_level(target, model, version, prepared, plan, live)
+    return run_level(target, target.infer_path(model, version), prepared, plan, live)
+
+
 def _run_in_process(
-    target: Target, path: str, prepared: list[PreparedRequest], plan: Plan
+    target: Target, model: str, version: str | None, prepared: list[PreparedRequest], plan: Plan
 ) -> dict[str, Any]:
     import uvloop
 
-    return level_to_dict(uvloop.run(run_level(target, path, prepared, plan)))
+    return level_to_dict(uvloop.run(_level(target, model, version, prepared, plan)))
 
 
 def run(
@@ -151,15 +174,14 @@ def run(
 ) -> LevelResult:
     """One level in this process (the caller's event loop is not used), counting into
     `live` as it goes, or split over `processes` client processes, merged at the end."""
-    path = target.infer_path(model, version)
     plans = split(plan, processes)
     if len(plans) == 1:
         import uvloop
 
-        return uvloop.run(run_level(target, path, prepared, plans[0], live))
+        return uvloop.run(_level(target, model, version, prepared, plans[0], live))
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(len(plans), mp_context=context) as pool:
-        futures = [pool.submit(_run_in_process, target, path, prepared, p) for p in plans]
+        futures = [pool.submit(_run_in_process, target, model, version, prepared, p) for p in plans]
         parts = [level_from_dict(f.result()) for f in futures]
     merged = parts[0]
     for part in parts[1:]:

@@ -59,9 +59,19 @@ _BENCH_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (
         ("--protocol",),
         {
+            # json and binary: what --protocol meant before gRPC, HTTP with that --encoding.
+            "type": click.Choice(["http", "grpc", "json", "binary"]),
+            "default": "http",
+            "help": "V2 over HTTP, or over gRPC (URL is then the gRPC server's host:port, "
+            "tensors go raw); json and binary: HTTP with that --encoding.",
+        },
+    ),
+    (
+        ("--encoding",),
+        {
             "type": click.Choice(["json", "binary"]),
             "default": "json",
-            "help": "V2 JSON, or Triton's binary tensor extension.",
+            "help": "HTTP: V2 JSON, or Triton's binary tensor extension.",
         },
     ),
     (
@@ -69,7 +79,7 @@ _BENCH_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         {
             "type": click.IntRange(min=1),
             "default": 1024,
-            "help": "Open loop: most connections; more requests wait.",
+            "help": "Open loop: most connections (gRPC: calls in flight); more requests wait.",
         },
     ),
     (
@@ -138,7 +148,11 @@ def _bench_options(command: Decorated) -> Decorated:
 @click.argument("url", required=False)
 @click.option("--model", help="The model to send requests to (required to run a load).")
 @click.option("--version", default=None, help="A model version (default: the server's choice).")
-@click.option("--concurrency", default=None, help="Closed loop: connections, e.g. 1,8,64.")
+@click.option(
+    "--concurrency",
+    default=None,
+    help="Closed loop: connections (gRPC: calls in flight), e.g. 1,8,64.",
+)
 @click.option("--rate", default=None, help="Open loop: requests per second, e.g. 500,1000.")
 @click.option(
     "--requests",
@@ -170,6 +184,7 @@ def bench(
     source: str,
     batch_size: int,
     protocol: str,
+    encoding: str,
     max_connections: int,
     pipeline: int,
     processes: int,
@@ -190,8 +205,10 @@ def bench(
         return
     if url is None or model is None:
         raise click.UsageError("a load needs URL and --model (or give --compare A.json B.json)")
+    if protocol in ("json", "binary"):
+        protocol, encoding = "http", protocol
     try:
-        target = Target.parse(url)
+        target = Target.parse(url, grpc=protocol == "grpc")
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="URL") from exc
     concurrencies = parse_numbers(concurrency, int)
@@ -211,7 +228,7 @@ def bench(
     plans = [replace(base, concurrency=c) for c in concurrencies or ([] if rates else [1])]
     plans += [replace(base, rate=r, poisson=arrivals == "poisson") for r in rates]
     try:
-        prepared = runner.prepare(target, model, version, source, batch_size, protocol == "binary")
+        prepared = runner.prepare(target, model, version, source, batch_size, encoding == "binary")
     except OSError as exc:
         raise ServerUnreachable(f"cannot reach {url}: {exc}") from exc
     except (RuntimeError, ValueError) as exc:
@@ -221,7 +238,9 @@ def bench(
     rows = []
     for plan in plans:
         what = f"{plan.mode} loop at {plan.level:g} " + (
-            "connections" if plan.mode == "closed" else "requests/s"
+            ("calls in flight" if target.grpc else "connections")
+            if plan.mode == "closed"
+            else "requests/s"
         )
         before = runner.server_stats(target, model, version)
         live = Tally()
@@ -238,6 +257,7 @@ def bench(
         "model": model,
         "version": version,
         "protocol": protocol,
+        "encoding": "raw" if protocol == "grpc" else encoding,
         "batch_size": batch_size,
         "input": source,
         "processes": processes,
@@ -249,7 +269,7 @@ def bench(
     if plot_path is not None:
         from tidegate.benchplot import plot
 
-        plot([(f"{model} {protocol}", rows)], plot_path)
+        plot([(f"{model} {protocol} {meta['encoding']}", rows)], plot_path)
 
 
 def _compare(paths: tuple[Path, Path], plot_path: Path | None) -> None:

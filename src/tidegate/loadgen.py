@@ -1,5 +1,6 @@
 """The load generator behind `tidegate bench`: pre-encoded V2 requests over kept-alive
-HTTP/1.1 connections, in a closed or an open loop, timed honestly.
+HTTP/1.1 connections, in a closed or an open loop, timed honestly. The loops take any
+`Sender`: tidegate.loadgen_grpc runs them over gRPC channels.
 
 Theory of operation
 -------------------
@@ -26,8 +27,10 @@ import asyncio
 import random
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from functools import partial
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from tidegate.histogram import LatencyHistogram
@@ -35,6 +38,7 @@ from tidegate.workload import PreparedRequest
 
 _TICK_S = 0.001  # period of the lag ticker
 _TIMER_SLACK_NS = 1_000_000  # how late an event-loop timer may fire (libuv: 1 ms)
+OK = "ok"  # the outcome of a successful request; any other outcome is an error's kind
 
 
 class ProtocolError(Exception):
@@ -43,19 +47,28 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where requests go: host, port and the infer path of one model (version)."""
+    """Where requests go: host, port and the infer path of one model (version); or,
+    with `grpc`, the host and port of a V2 gRPC server."""
 
     host: str
     port: int
     base_path: str  # "" or a prefix such as "/proxy"
+    grpc: bool = False
 
     @classmethod
-    def parse(cls, url: str) -> "Target":
-        """`http://host:port[/prefix]`, or `host:port`."""
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"{url!r} is not an http://host:port address")
-        return cls(parts.hostname, parts.port or 80, parts.path.rstrip("/"))
+    def parse(cls, url: str, grpc: bool = False) -> "Target":
+        """`http://host:port[/prefix]`, or `host:port`; for gRPC `[grpc://]host:port`."""
+        scheme = "grpc" if grpc else "http"
+        parts = urlsplit(url if "://" in url else f"{scheme}://{url}")
+        if parts.scheme != scheme or not parts.hostname or (grpc and parts.path.strip("/")):
+            raise ValueError(f"{url!r} is not an {scheme}://host:port address")
+        port = parts.port or (8001 if grpc else 80)
+        return cls(parts.hostname, port, parts.path.rstrip("/"), grpc)
+
+    @property
+    def address(self) -> str:
+        """`host:port`, as gRPC takes it (an IPv6 host in brackets)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     def infer_path(self, model: str, version: str | None) -> str:
         version_part = f"/versions/{version}" if version else ""
@@ -73,6 +86,20 @@ def request_bytes(target: Target, path: str, request: PreparedRequest) -> bytes:
     if request.header_length is not None:
         head.append(f"Inference-Header-Content-Length: {request.header_length}")
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + request.body
+
+
+class Sender(Protocol):
+    """What the loops send requests on: an HTTP/1.1 `Connection`, or a gRPC channel."""
+
+    async def exchange(self, data: bytes) -> str:
+        """Sends one request; returns OK, or the kind of error the server answered.
+        Raises OSError (or ProtocolError) when the sender is broken."""
+        ...
+
+    def close(self) -> None: ...
+
+
+Opener = Callable[[], Awaitable[Sender]]
 
 
 class Connection(asyncio.Protocol):
@@ -142,15 +169,16 @@ class Connection(asyncio.Protocol):
         del buffer[:total]
         return status
 
-    async def exchange(self, data: bytes) -> int:
-        """Writes one request; returns the answer's status once it has fully arrived.
-        Several may be outstanding at once: answers come back in order."""
+    async def exchange(self, data: bytes) -> str:
+        """Writes one request; returns OK (200) or `http STATUS` once the answer has fully
+        arrived. Several may be outstanding at once: answers come back in order."""
         if self._lost is not None or self._transport is None:
             raise ConnectionResetError("the connection is closed")
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         self._transport.write(data)
-        return await waiter
+        status = await waiter
+        return OK if status == 200 else f"http {status}"
 
     def close(self) -> None:
         if self._transport is not None:
@@ -227,25 +255,25 @@ class _Pool:
     """Idle connections, opened on demand up to a bound; waiting for one is part of
     a request's latency in the open loop."""
 
-    def __init__(self, target: Target, limit: int) -> None:
-        self._target = target
-        self._idle: list[Connection] = []
+    def __init__(self, opener: Opener, limit: int) -> None:
+        self._opener = opener
+        self._idle: list[Sender] = []
         self._opened = 0
         self._slots = asyncio.Semaphore(limit)
 
-    async def acquire(self) -> Connection:
+    async def acquire(self) -> Sender:
         await self._slots.acquire()
         if self._idle:
             return self._idle.pop()
         try:
-            connection = await Connection.open(self._target)
+            connection = await self._opener()
         except BaseException:
             self._slots.release()
             raise
         self._opened += 1
         return connection
 
-    def release(self, connection: Connection | None) -> None:
+    def release(self, connection: Sender | None) -> None:
         """Returns a healthy connection; None for one that was closed after a failure."""
         if connection is not None:
             self._idle.append(connection)
@@ -271,22 +299,22 @@ async def _one(
     except OSError:
         _count(tally, "connection")
         return
-    status = 0
+    outcome = ""
     try:
         async with asyncio.timeout_at(deadline):
-            status = await connection.exchange(data)
+            outcome = await connection.exchange(data)
     except TimeoutError:
         _count(tally, "timeout")
     except _BROKEN:
         _count(tally, "connection")
     finally:
-        if status:
+        if outcome:
             pool.release(connection)
         else:  # its state is unknown: never reuse it
             connection.close()
             pool.release(None)
-    if status:
-        _record(tally, status, rows, time.perf_counter_ns() - started_ns)
+    if outcome:
+        _record(tally, outcome, rows, time.perf_counter_ns() - started_ns)
 
 
 _BROKEN = (OSError, ProtocolError)
@@ -297,15 +325,15 @@ def _count(tally: Tally | None, kind: str) -> None:
         tally.error(kind)
 
 
-def _record(tally: Tally | None, status: int, rows: int, latency_ns: int) -> None:
+def _record(tally: Tally | None, outcome: str, rows: int, latency_ns: int) -> None:
     if tally is None:
         return
-    if status == 200:
+    if outcome == OK:
         tally.ok += 1
         tally.rows += rows
         tally.latency.record(latency_ns)
     else:
-        tally.error(f"http {status}")
+        tally.error(outcome)
 
 
 class _Budget:
@@ -326,18 +354,18 @@ class _Budget:
 class _Shared:
     """The connection a group of closed-loop workers pipelines its requests on."""
 
-    def __init__(self, target: Target) -> None:
-        self._target = target
-        self._connection: Connection | None = None
+    def __init__(self, opener: Opener) -> None:
+        self._opener = opener
+        self._connection: Sender | None = None
         self._opening = asyncio.Lock()
 
-    async def get(self) -> Connection:
+    async def get(self) -> Sender:
         async with self._opening:
             if self._connection is None:
-                self._connection = await Connection.open(self._target)
+                self._connection = await self._opener()
             return self._connection
 
-    def discard(self, connection: Connection) -> None:
+    def discard(self, connection: Sender) -> None:
         """Closes a connection whose state is unknown (its other requests fail too)."""
         connection.close()
         if self._connection is connection:
@@ -373,29 +401,29 @@ async def _closed_worker(
             await asyncio.sleep(0.01)  # a refusing server must not spin the client
             continue
         started = time.perf_counter_ns()
-        status = 0
+        outcome = ""
         try:
             async with asyncio.timeout(plan.timeout):
-                status = await connection.exchange(data)
+                outcome = await connection.exchange(data)
         except TimeoutError:
             _count(counted, "timeout")
         except _BROKEN:
             _count(counted, "connection")
-        if not status:
+        if not outcome:
             shared.discard(connection)
             continue
-        _record(counted, status, rows, time.perf_counter_ns() - started)
+        _record(counted, outcome, rows, time.perf_counter_ns() - started)
 
 
 async def _closed(
-    target: Target, requests: list[tuple[bytes, int]], plan: Plan, tally: Tally
+    opener: Opener, requests: list[tuple[bytes, int]], plan: Plan, tally: Tally
 ) -> None:
     loop = asyncio.get_running_loop()
     measure_from = loop.time() + plan.warmup
     stop_at = measure_from + plan.duration
     budget = _Budget(plan.max_requests)
     assert plan.concurrency is not None
-    groups = [_Shared(target) for _ in range(-(-plan.concurrency // plan.pipeline))]
+    groups = [_Shared(opener) for _ in range(-(-plan.concurrency // plan.pipeline))]
     try:
         await asyncio.gather(
             *(
@@ -418,7 +446,7 @@ async def _closed(
 
 
 async def _open(
-    target: Target,
+    opener: Opener,
     requests: list[tuple[bytes, int]],
     plan: Plan,
     tally: Tally,
@@ -426,7 +454,7 @@ async def _open(
 ) -> None:
     """Sends at the plan's rate; each latency counts from the request's scheduled time."""
     assert plan.rate is not None
-    pool = _Pool(target, plan.max_connections)
+    pool = _Pool(opener, plan.max_connections)
     rng = random.Random(plan.seed)
     budget = _Budget(plan.max_requests)
     running: set[asyncio.Task[None]] = set()
@@ -478,9 +506,20 @@ async def run_level(
 ) -> LevelResult:
     """Runs one load level against `path` and returns what it saw (counted into `tally`,
     when given, as it goes: a progress display may read it meanwhile)."""
-    if not prepared:
-        raise ValueError("no requests to send")
     requests = [(request_bytes(target, path, r), r.rows) for r in prepared]
+    return await run_requests(partial(Connection.open, target), requests, plan, tally)
+
+
+async def run_requests(
+    opener: Opener,
+    requests: list[tuple[bytes, int]],
+    plan: Plan,
+    tally: Tally | None = None,
+) -> LevelResult:
+    """Runs one load level of `requests` (data to send and the rows it carries) on the
+    senders `opener` makes, as `run_level` does."""
+    if not requests:
+        raise ValueError("no requests to send")
     tally = Tally() if tally is None else tally
     lag = LatencyHistogram()
     late = LatencyHistogram()
@@ -490,9 +529,9 @@ async def run_level(
     started = time.perf_counter()
     try:
         if plan.mode == "closed":
-            await _closed(target, requests, plan, tally)
+            await _closed(opener, requests, plan, tally)
         else:
-            await _open(target, requests, plan, tally, late)
+            await _open(opener, requests, plan, tally, late)
     finally:
         stop.set()
         await ticker
