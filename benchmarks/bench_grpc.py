@@ -1,0 +1,321 @@
+"""tidegate against MLServer 1.7.1 over the V2 gRPC protocol, one client for both:
+`tidegate bench --protocol grpc`; and what gRPC costs tidegate's HTTP, in one run.
+
+Serves the `tabular` model of bench_vs_mlserver.py (the shipped breast_cancer
+logistic regression, one row per request) at once from four servers on 127.0.0.1:
+  * tidegate, dynamic batching on, gRPC on a free port (`--grpc-port P`);
+  * tidegate, the same, gRPC off (`--grpc-port 0`);
+  * MLServer, adaptive batching off and on (its settings as in bench_vs_mlserver.py,
+    gRPC on the free `grpc_port` its settings.json names).
+Every gRPC server's answer is first checked against onnxruntime run here
+(tritonclient.grpc); a mismatch aborts. Then, for each round, every cell in turn (the
+order reversed every other round), each a `tidegate bench` subprocess with a 1 s
+warm-up and `--duration` seconds measured, closed loop:
+  * gRPC (`--protocol grpc`, the request of a JSON file as raw_input_contents):
+    tidegate and MLServer off and on, at concurrency 1 and 64;
+  * tidegate over HTTP (`--protocol http`), the same row as the binary tensor
+    extension and as V2 JSON, at 1 and 64;
+  * HTTP binary at 64 on the tidegate without gRPC, beside the one with gRPC on and
+    idle (the two cells run back to back).
+It prints markdown tables of the medians over the rounds: each cell; tidegate gRPC /
+MLServer gRPC (its faster batching setting) at c=64 req/s (goal >= 2x) and c=1 p50
+(goal <= 0.5x); and per round the HTTP throughput with gRPC idle / gRPC off (goal
+within 3 %). Client and servers share the machine's cores.
+
+Usage (tidegate's venv; MLServer's as in bench_vs_mlserver.py):
+
+    .venv/bin/python benchmarks/bench_grpc.py [--rounds 5] [--duration 5] \
+        [--mlserver-python /tmp/mls/bin/python]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from bench_vs_mlserver import (
+    INPUT_SEEDS,
+    Payload,
+    batching_config,
+    build_models,
+    free_port,
+    machine,
+    make_payload,
+    running,
+    spawn_tidegate,
+    start_mlserver,
+    write_repo,
+)
+
+MODEL = "tabular"
+LEVELS = (1, 64)
+WARMUP_SECONDS = 1.0
+
+
+@dataclass
+class Cell:
+    """One measured configuration: which server, over what, at which concurrency."""
+
+    label: str  # e.g. "MLServer gRPC, batching off"
+    server: str  # "tidegate" | "tidegate, gRPC off" | "MLServer off" | "MLServer on"
+    address: str  # host:port
+    protocol: str  # "grpc" | "http"
+    encoding: str  # "raw" (gRPC) | "binary" | "json"
+    concurrency: int
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+    def median(self, key: str) -> float:
+        return statistics.median(run[key] for run in self.runs)
+
+
+def write_npz(payload: Payload, folder: Path) -> Path:
+    """The payload's row as a .npz (one array per input), for HTTP's binary encoding."""
+    document = json.loads(payload.json_file.read_text())
+    arrays = {
+        entry["name"]: np.asarray(entry["data"], np.float32).reshape(entry["shape"])
+        for entry in document["inputs"]
+    }
+    path = folder / f"{payload.model}.npz"
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+def check_grpc(address: str, payload: Payload, who: str) -> None:
+    """Aborts unless the gRPC server's outputs match onnxruntime's (waits up to 60 s for
+    the gRPC port to answer)."""
+    document = json.loads(payload.json_file.read_text())
+    client = grpcclient.InferenceServerClient(address)
+    inputs = []
+    for entry in document["inputs"]:
+        data = np.asarray(entry["data"], np.float32).reshape(entry["shape"])
+        infer_input = grpcclient.InferInput(entry["name"], list(data.shape), entry["datatype"])
+        infer_input.set_data_from_numpy(data)
+        inputs.append(infer_input)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            result = client.infer(payload.model, inputs)
+            break
+        except InferenceServerException:  # the gRPC port may answer after HTTP's readiness
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    for name, want in payload.expected.items():
+        got = result.as_numpy(name)
+        if got is None or not np.allclose(got.ravel(), want.ravel(), rtol=1e-4, atol=1e-6):
+            raise SystemExit(f"{who} over gRPC: output {name} {got} != {want.ravel()}")
+    client.close()
+
+
+def bench(cell: Cell, inputs: dict[str, Path], seconds: float, out: Path) -> dict[str, float]:
+    """One `tidegate bench` level for the cell; its numbers."""
+    command = [sys.executable, "-m", "tidegate", "bench", cell.address, "--model", MODEL]
+    command += ["--protocol", cell.protocol, "--concurrency", str(cell.concurrency)]
+    if cell.protocol == "http":
+        command += ["--encoding", cell.encoding]
+    command += ["--input", str(inputs[cell.encoding]), "--duration", f"{seconds:g}"]
+    command += ["--warmup", f"{WARMUP_SECONDS:g}", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stdout}\n{done.stderr}")
+    level = json.loads(out.read_text())["levels"][0]
+    return {
+        "rps": level["ok_per_s"],
+        "p50_ms": level["p50_ms"],
+        "p99_ms": level["p99_ms"],
+        "errors": level["errors"],
+        "client_cpu": level["client_cpu"],
+    }
+
+
+def make_cells(grpc_ports: dict[str, int], http_ports: dict[str, int]) -> list[Cell]:
+    """Every cell of a round, in its forward order (the idle-gRPC pair last, adjacent)."""
+    cells = []
+    for conc in LEVELS:
+        for server, label in (
+            ("tidegate", "tidegate gRPC, batching on"),
+            ("MLServer off", "MLServer gRPC, batching off"),
+            ("MLServer on", "MLServer gRPC, batching on"),
+        ):
+            address = f"127.0.0.1:{grpc_ports[server]}"
+            cells.append(Cell(label, server, address, "grpc", "raw", conc))
+        for encoding in ("json", "binary"):
+            label = f"tidegate HTTP {encoding}, batching on"
+            address = f"127.0.0.1:{http_ports['tidegate']}"
+            cells.append(Cell(label, "tidegate", address, "http", encoding, conc))
+    address = f"127.0.0.1:{http_ports['tidegate, gRPC off']}"
+    label = "tidegate HTTP binary, --grpc-port 0"
+    cells.append(Cell(label, "tidegate, gRPC off", address, "http", "binary", 64))
+    return cells
+
+
+def versions(mlserver_python: str) -> str:
+    probe = "import grpc; print(grpc.__version__)"
+    mls = subprocess.run(
+        [mlserver_python, "-c", probe], capture_output=True, text=True, check=True, cwd="/"
+    )
+    return (
+        f"{machine(mlserver_python)}; grpcio {grpc.__version__} (tidegate and its client), "
+        f"{mls.stdout.strip()} (MLServer)"
+    )
+
+
+def print_cells(cells: list[Cell]) -> None:
+    head = "| server, transport | conc | req/s | p50 ms | p99 ms | client CPU | errors |"
+    print(head + " req/s by round |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for cell in cells:
+        errors = sum(int(run["errors"]) for run in cell.runs)
+        flagged = f"**{errors}**" if errors else "0"
+        by_round = ", ".join(f"{run['rps']:,.0f}" for run in cell.runs)
+        print(
+            f"| {cell.label} | {cell.concurrency} | {cell.median('rps'):,.0f} | "
+            f"{cell.median('p50_ms'):.3f} | {cell.median('p99_ms'):.3f} | "
+            f"{cell.median('client_cpu') * 100:.0f} % | {flagged} "
+            f"| {by_round} |"
+        )
+
+
+def _find(cells: list[Cell], server: str, protocol: str, conc: int, encoding: str) -> Cell:
+    return next(
+        c
+        for c in cells
+        if (c.server, c.protocol, c.concurrency, c.encoding) == (server, protocol, conc, encoding)
+    )
+
+
+def print_ratios(cells: list[Cell]) -> None:
+    mine_64 = _find(cells, "tidegate", "grpc", 64, "raw")
+    mine_1 = _find(cells, "tidegate", "grpc", 1, "raw")
+    theirs_64 = [_find(cells, f"MLServer {b}", "grpc", 64, "raw") for b in ("off", "on")]
+    theirs_1 = [_find(cells, f"MLServer {b}", "grpc", 1, "raw") for b in ("off", "on")]
+    best_64 = max(theirs_64, key=lambda c: c.median("rps"))
+    best_1 = min(theirs_1, key=lambda c: c.median("p50_ms"))
+    print("\ntidegate gRPC / MLServer gRPC (MLServer: its faster batching setting per figure)\n")
+    print("| figure | tidegate | MLServer | MLServer setting | ratio | goal |")
+    print("|---|---:|---:|---|---:|---|")
+    rps = mine_64.median("rps") / best_64.median("rps")
+    p50 = mine_1.median("p50_ms") / best_1.median("p50_ms")
+    print(
+        f"| req/s at c=64 | {mine_64.median('rps'):,.0f} | {best_64.median('rps'):,.0f} | "
+        f"{best_64.label.split(', ')[1]} | {rps:.2f}x | >= 2x: {'met' if rps >= 2 else 'missed'} |"
+    )
+    print(
+        f"| p50 ms at c=1 | {mine_1.median('p50_ms'):.3f} | {best_1.median('p50_ms'):.3f} | "
+        f"{best_1.label.split(', ')[1]} | {p50:.2f}x | <= 0.5x: "
+        f"{'met' if p50 <= 0.5 else 'missed'} |"
+    )
+    print("\ntidegate over HTTP and over gRPC (same client, same row)\n")
+    print(
+        "| conc | HTTP binary req/s | HTTP JSON req/s | gRPC req/s | gRPC / HTTP binary "
+        "| HTTP binary p50 | HTTP JSON p50 | gRPC p50 |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for conc in LEVELS:
+        binary = _find(cells, "tidegate", "http", conc, "binary")
+        plain = _find(cells, "tidegate", "http", conc, "json")
+        over_grpc = _find(cells, "tidegate", "grpc", conc, "raw")
+        print(
+            f"| {conc} | {binary.median('rps'):,.0f} | {plain.median('rps'):,.0f} | "
+            f"{over_grpc.median('rps'):,.0f} | "
+            f"{over_grpc.median('rps') / binary.median('rps'):.2f} | "
+            f"{binary.median('p50_ms'):.3f} | {plain.median('p50_ms'):.3f} | "
+            f"{over_grpc.median('p50_ms'):.3f} |"
+        )
+
+
+def print_idle(cells: list[Cell]) -> None:
+    idle = _find(cells, "tidegate", "http", 64, "binary")
+    off = _find(cells, "tidegate, gRPC off", "http", 64, "binary")
+    print("\nHTTP binary at c=64: gRPC on and idle / --grpc-port 0 (back to back each round)\n")
+    print("| round | gRPC idle req/s | gRPC off req/s | idle / off |")
+    print("|---:|---:|---:|---:|")
+    ratios = []
+    for index, (a, b) in enumerate(zip(idle.runs, off.runs, strict=True), 1):
+        ratios.append(a["rps"] / b["rps"])
+        print(f"| {index} | {a['rps']:,.0f} | {b['rps']:,.0f} | {ratios[-1]:.3f} |")
+    ratio = idle.median("rps") / off.median("rps")
+    verdict = "met" if abs(ratio - 1) <= 0.03 else "missed"
+    print(
+        f"| median | {idle.median('rps'):,.0f} | {off.median('rps'):,.0f} | {ratio:.3f} "
+        f"(median of ratios {statistics.median(ratios):.3f}; goal within 3 %: {verdict}) |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
+    parser.add_argument(
+        "--mlserver-python",
+        default=os.environ.get("MLSERVER_PYTHON", "/tmp/mls/bin/python"),
+        help="python of the venv with mlserver 1.7.1 (env MLSERVER_PYTHON)",
+    )
+    args = parser.parse_args()
+    started = time.monotonic()
+    command = shlex.join([sys.executable, *sys.argv])
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"`{command}`\n\n{versions(args.mlserver_python)}\n\n{args.rounds} rounds, "
+        f"{args.duration:g} s per cell after a {WARMUP_SECONDS:g} s warm-up, 1 row per "
+        f"request, one `tidegate bench` process per cell on 127.0.0.1; load average at "
+        f"start {load}\n"
+    )
+    root = Path(tempfile.mkdtemp(prefix="bench_grpc-"))
+    try:
+        paths = build_models([MODEL], root / "onnx")
+        payload = make_payload(MODEL, paths[MODEL], root, seed=INPUT_SEEDS[MODEL])
+        inputs = {"raw": payload.json_file, "json": payload.json_file}
+        inputs["binary"] = write_npz(payload, root)
+        grpc_ports = {"tidegate": free_port()}
+        with ExitStack() as stack:
+            servers = {}
+            for name, folder, port in (
+                ("tidegate", "tidegate-grpc", grpc_ports["tidegate"]),
+                ("tidegate, gRPC off", "tidegate-nogrpc", 0),
+            ):
+                repo = write_repo(root / folder, paths, batching_config(True))
+                server = spawn_tidegate(repo, root / f"{folder}.log", "--grpc-port", str(port))
+                servers[name] = stack.enter_context(running(server, [MODEL]))
+            for mode in ("off", "on"):
+                server = start_mlserver(root, paths, mode == "on", args.mlserver_python)
+                servers[f"MLServer {mode}"] = stack.enter_context(running(server, [MODEL]))
+                settings = json.loads((root / f"mlserver-{mode}" / "settings.json").read_text())
+                grpc_ports[f"MLServer {mode}"] = settings["grpc_port"]
+            for name, port in grpc_ports.items():
+                check_grpc(f"127.0.0.1:{port}", payload, name)
+            cells = make_cells(grpc_ports, {name: s.port for name, s in servers.items()})
+            for round_ in range(args.rounds):
+                for cell in cells if round_ % 2 == 0 else cells[::-1]:
+                    cell.runs.append(bench(cell, inputs, args.duration, root / "level.json"))
+                    print(
+                        f"# round {round_ + 1} {cell.label} c={cell.concurrency}: "
+                        f"{cell.runs[-1]['rps']:,.0f} req/s, p50 {cell.runs[-1]['p50_ms']:.3f} ms",
+                        file=sys.stderr,
+                    )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print_cells(cells)
+    print_ratios(cells)
+    print_idle(cells)
+    print(f"\nTotal wall time {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
