@@ -20,7 +20,9 @@ warm-up and `--duration` seconds measured, closed loop:
 It prints markdown tables of the medians over the rounds: each cell; tidegate gRPC /
 MLServer gRPC (its faster batching setting) at c=64 req/s (goal >= 2x) and c=1 p50
 (goal <= 0.5x); and per round the HTTP throughput with gRPC idle / gRPC off (goal
-within 3 %). Client and servers share the machine's cores.
+within 3 %). For tidegate it also gives the server's CPU time per request (its CPU
+over a cell, warm-up included, over the requests its /stats counted meanwhile).
+Client and servers share the machine's cores.
 
 Usage (tidegate's venv; MLServer's as in bench_vs_mlserver.py):
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -52,6 +55,7 @@ from tritonclient.utils import InferenceServerException
 from bench_vs_mlserver import (
     INPUT_SEEDS,
     Payload,
+    Server,
     batching_config,
     build_models,
     free_port,
@@ -62,6 +66,8 @@ from bench_vs_mlserver import (
     start_mlserver,
     write_repo,
 )
+from tidegate.bench import server_stats
+from tidegate.loadgen import Target
 
 MODEL = "tabular"
 LEVELS = (1, 64)
@@ -78,6 +84,8 @@ class Cell:
     protocol: str  # "grpc" | "http"
     encoding: str  # "raw" (gRPC) | "binary" | "json"
     concurrency: int
+    pid: int  # the server process
+    stats_port: int | None  # a tidegate's HTTP port, whose /stats count its requests
     runs: list[dict[str, float]] = field(default_factory=list)
 
     def median(self, key: str) -> float:
@@ -123,15 +131,32 @@ def check_grpc(address: str, payload: Payload, who: str) -> None:
     client.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a live process has used."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def served(cell: Cell) -> int:
+    """The tidegate's count of successful requests of the model (over both transports)."""
+    assert cell.stats_port is not None
+    stats = server_stats(Target("127.0.0.1", cell.stats_port, ""), MODEL, None)
+    assert stats is not None
+    return int(stats["success"]["count"])
+
+
 def bench(cell: Cell, inputs: dict[str, Path], seconds: float, out: Path) -> dict[str, float]:
-    """One `tidegate bench` level for the cell; its numbers."""
+    """One `tidegate bench` level for the cell; its numbers, and for tidegate the server's
+    CPU time per request it served meanwhile (the warm-up's and the level's)."""
     command = [sys.executable, "-m", "tidegate", "bench", cell.address, "--model", MODEL]
     command += ["--protocol", cell.protocol, "--concurrency", str(cell.concurrency)]
     if cell.protocol == "http":
         command += ["--encoding", cell.encoding]
     command += ["--input", str(inputs[cell.encoding]), "--duration", f"{seconds:g}"]
     command += ["--warmup", f"{WARMUP_SECONDS:g}", "--json", str(out)]
+    count, cpu = (served(cell) if cell.stats_port else 0), cpu_seconds(cell.pid)
     done = subprocess.run(command, capture_output=True, text=True, check=False)
+    cpu, count = cpu_seconds(cell.pid) - cpu, (served(cell) - count if cell.stats_port else 0)
     if done.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stdout}\n{done.stderr}")
     level = json.loads(out.read_text())["levels"][0]
@@ -141,27 +166,31 @@ def bench(cell: Cell, inputs: dict[str, Path], seconds: float, out: Path) -> dic
         "p99_ms": level["p99_ms"],
         "errors": level["errors"],
         "client_cpu": level["client_cpu"],
+        "server_us": cpu / count * 1e6 if count else math.nan,
     }
 
 
-def make_cells(grpc_ports: dict[str, int], http_ports: dict[str, int]) -> list[Cell]:
+def make_cells(servers: dict[str, Server], grpc_ports: dict[str, int]) -> list[Cell]:
     """Every cell of a round, in its forward order (the idle-gRPC pair last, adjacent)."""
+
+    def cell(label: str, name: str, protocol: str, encoding: str, conc: int) -> Cell:
+        server = servers[name]
+        port = grpc_ports[name] if protocol == "grpc" else server.port
+        stats = server.port if server.name == "tidegate" else None
+        address = f"127.0.0.1:{port}"
+        return Cell(label, name, address, protocol, encoding, conc, server.process.pid, stats)
+
     cells = []
     for conc in LEVELS:
-        for server, label in (
-            ("tidegate", "tidegate gRPC, batching on"),
-            ("MLServer off", "MLServer gRPC, batching off"),
-            ("MLServer on", "MLServer gRPC, batching on"),
-        ):
-            address = f"127.0.0.1:{grpc_ports[server]}"
-            cells.append(Cell(label, server, address, "grpc", "raw", conc))
+        cells.append(cell("tidegate gRPC, batching on", "tidegate", "grpc", "raw", conc))
+        for mode in ("off", "on"):
+            label = f"MLServer gRPC, batching {mode}"
+            cells.append(cell(label, f"MLServer {mode}", "grpc", "raw", conc))
         for encoding in ("json", "binary"):
             label = f"tidegate HTTP {encoding}, batching on"
-            address = f"127.0.0.1:{http_ports['tidegate']}"
-            cells.append(Cell(label, "tidegate", address, "http", encoding, conc))
-    address = f"127.0.0.1:{http_ports['tidegate, gRPC off']}"
+            cells.append(cell(label, "tidegate", "http", encoding, conc))
     label = "tidegate HTTP binary, --grpc-port 0"
-    cells.append(Cell(label, "tidegate, gRPC off", address, "http", "binary", 64))
+    cells.append(cell(label, "tidegate, gRPC off", "http", "binary", 64))
     return cells
 
 
@@ -177,9 +206,9 @@ def versions(mlserver_python: str) -> str:
 
 
 def print_cells(cells: list[Cell]) -> None:
-    head = "| server, transport | conc | req/s | p50 ms | p99 ms | client CPU | errors |"
-    print(head + " req/s by round |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    head = "| server, transport | conc | req/s | p50 ms | p99 ms | server CPU us/req "
+    print(head + "| client CPU | errors | req/s by round |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for cell in cells:
         errors = sum(int(run["errors"]) for run in cell.runs)
         flagged = f"**{errors}**" if errors else "0"
@@ -187,9 +216,14 @@ def print_cells(cells: list[Cell]) -> None:
         print(
             f"| {cell.label} | {cell.concurrency} | {cell.median('rps'):,.0f} | "
             f"{cell.median('p50_ms'):.3f} | {cell.median('p99_ms'):.3f} | "
+            f"{_us(cell.median('server_us'))} | "
             f"{cell.median('client_cpu') * 100:.0f} % | {flagged} "
             f"| {by_round} |"
         )
+
+
+def _us(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f}"
 
 
 def _find(cells: list[Cell], server: str, protocol: str, conc: int, encoding: str) -> Cell:
@@ -244,17 +278,30 @@ def print_idle(cells: list[Cell]) -> None:
     idle = _find(cells, "tidegate", "http", 64, "binary")
     off = _find(cells, "tidegate, gRPC off", "http", 64, "binary")
     print("\nHTTP binary at c=64: gRPC on and idle / --grpc-port 0 (back to back each round)\n")
-    print("| round | gRPC idle req/s | gRPC off req/s | idle / off |")
-    print("|---:|---:|---:|---:|")
-    ratios = []
+    print(
+        "| round | gRPC idle req/s | gRPC off req/s | idle / off | gRPC idle server CPU "
+        "us/req | gRPC off | idle / off |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    ratios, cpu_ratios = [], []
     for index, (a, b) in enumerate(zip(idle.runs, off.runs, strict=True), 1):
         ratios.append(a["rps"] / b["rps"])
-        print(f"| {index} | {a['rps']:,.0f} | {b['rps']:,.0f} | {ratios[-1]:.3f} |")
+        cpu_ratios.append(a["server_us"] / b["server_us"])
+        print(
+            f"| {index} | {a['rps']:,.0f} | {b['rps']:,.0f} | {ratios[-1]:.3f} | "
+            f"{a['server_us']:.0f} | {b['server_us']:.0f} | {cpu_ratios[-1]:.3f} |"
+        )
     ratio = idle.median("rps") / off.median("rps")
     verdict = "met" if abs(ratio - 1) <= 0.03 else "missed"
     print(
-        f"| median | {idle.median('rps'):,.0f} | {off.median('rps'):,.0f} | {ratio:.3f} "
-        f"(median of ratios {statistics.median(ratios):.3f}; goal within 3 %: {verdict}) |"
+        f"| median | {idle.median('rps'):,.0f} | {off.median('rps'):,.0f} | {ratio:.3f} | "
+        f"{idle.median('server_us'):.0f} | {off.median('server_us'):.0f} | "
+        f"{idle.median('server_us') / off.median('server_us'):.3f} |"
+    )
+    print(
+        f"\nreq/s idle / off: {ratio:.3f} (median of the per-round ratios "
+        f"{statistics.median(ratios):.3f}; goal within 3 %: {verdict}); server CPU per "
+        f"request idle / off: median of the per-round ratios {statistics.median(cpu_ratios):.3f}"
     )
 
 
@@ -300,7 +347,7 @@ def main() -> None:
                 grpc_ports[f"MLServer {mode}"] = settings["grpc_port"]
             for name, port in grpc_ports.items():
                 check_grpc(f"127.0.0.1:{port}", payload, name)
-            cells = make_cells(grpc_ports, {name: s.port for name, s in servers.items()})
+            cells = make_cells(servers, grpc_ports)
             for round_ in range(args.rounds):
                 for cell in cells if round_ % 2 == 0 else cells[::-1]:
                     cell.runs.append(bench(cell, inputs, args.duration, root / "level.json"))
