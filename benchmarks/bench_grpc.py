@@ -20,9 +20,11 @@ warm-up and `--duration` seconds measured, closed loop:
 It prints markdown tables of the medians over the rounds: each cell; tidegate gRPC /
 MLServer gRPC (its faster batching setting) at c=64 req/s (goal >= 2x) and c=1 p50
 (goal <= 0.5x); and per round the HTTP throughput with gRPC idle / gRPC off (goal
-within 3 %). For tidegate it also gives the server's CPU time per request (its CPU
-over a cell, warm-up included, over the requests its /stats counted meanwhile).
-Client and servers share the machine's cores.
+within 3 %). It also gives each server's CPU time per request: its process's CPU
+over a cell, warm-up included, over the requests tidegate's /stats counted meanwhile;
+for MLServer (no such count) estimated, `~`, as if the warm-up had the measured rate
+(the same estimate's error on the tidegate cells is printed). Client and servers
+share the machine's cores.
 
 Usage (tidegate's venv; MLServer's as in bench_vs_mlserver.py):
 
@@ -167,6 +169,8 @@ def bench(cell: Cell, inputs: dict[str, Path], seconds: float, out: Path) -> dic
         "errors": level["errors"],
         "client_cpu": level["client_cpu"],
         "server_us": cpu / count * 1e6 if count else math.nan,
+        # Without a server's count: as many requests in the warm-up as in as long measured.
+        "server_us_est": cpu / (level["ok_per_s"] * (WARMUP_SECONDS + seconds)) * 1e6,
     }
 
 
@@ -206,6 +210,7 @@ def versions(mlserver_python: str) -> str:
 
 
 def print_cells(cells: list[Cell]) -> None:
+    checks: list[float] = []
     head = "| server, transport | conc | req/s | p50 ms | p99 ms | server CPU us/req "
     print(head + "| client CPU | errors | req/s by round |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
@@ -213,17 +218,23 @@ def print_cells(cells: list[Cell]) -> None:
         errors = sum(int(run["errors"]) for run in cell.runs)
         flagged = f"**{errors}**" if errors else "0"
         by_round = ", ".join(f"{run['rps']:,.0f}" for run in cell.runs)
+        if cell.stats_port:
+            checks += [run["server_us_est"] / run["server_us"] for run in cell.runs]
         print(
             f"| {cell.label} | {cell.concurrency} | {cell.median('rps'):,.0f} | "
             f"{cell.median('p50_ms'):.3f} | {cell.median('p99_ms'):.3f} | "
-            f"{_us(cell.median('server_us'))} | "
+            f"{_us(cell.median('server_us'), cell.median('server_us_est'))} | "
             f"{cell.median('client_cpu') * 100:.0f} % | {flagged} "
             f"| {by_round} |"
         )
+    print(
+        f"\n~: estimated; on the tidegate cells that estimate is {min(checks):.2f} to "
+        f"{max(checks):.2f} times the counted figure"
+    )
 
 
-def _us(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.0f}"
+def _us(value: float, estimate: float) -> str:
+    return f"~{estimate:.0f}" if math.isnan(value) else f"{value:.0f}"
 
 
 def _find(cells: list[Cell], server: str, protocol: str, conc: int, encoding: str) -> Cell:
