@@ -139,11 +139,12 @@ def create_app(config: ServerConfig) -> ASGIApp:
                 else:
                     log.warning("/metrics without worker %s: %s", reply.worker, reply.body)
             body = await asyncio.to_thread(merge, texts, GAUGE_MERGE)
-            others = {
-                (d.name, d.version_label): await control.peers.drift_states(d.name, d.version_label)
-                for d in registry.deployments()
-                if d.drift is not None
-            }
+            # Every version's at once: one round trip to the workers, not one per version.
+            keys = [
+                (d.name, d.version_label) for d in registry.deployments() if d.drift is not None
+            ]
+            states = await asyncio.gather(*(control.peers.drift_states(*key) for key in keys))
+            others = dict(zip(keys, states, strict=True))
             body += await asyncio.to_thread(render, whole_server_drift(registry, others))
         body += await asyncio.to_thread(render, server_metrics)
         return Response(body, media_type=METRICS_CONTENT_TYPE)

@@ -98,7 +98,7 @@ def _from_json(spec: TensorSpec, data: object, shape: tuple[int, ...]) -> np.nda
             array = _exact_integers(spec, _flatten(data))
         if array.size and array.dtype.kind not in _ACCEPTED_KINDS[datatype.numpy.kind]:
             raise BadRequest(f"input '{spec.name}': data holds values that are not {datatype.name}")
-        array = _cast(spec, array)
+        array = to_datatype(spec, array)
     if array.size != count:
         raise BadRequest(
             f"input '{spec.name}': shape {list(shape)} needs {count} elements, "
@@ -120,7 +120,8 @@ def _exact_integers(spec: TensorSpec, flat: list[Any]) -> np.ndarray:
         ) from exc
 
 
-def _cast(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+def to_datatype(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """`array` in the input's datatype; BadRequest if an integer does not fit it."""
     target = spec.datatype.numpy
     if target.kind in "iu" and array.size:
         info = np.iinfo(target)
@@ -320,8 +321,8 @@ def decode_request(
         inputs=arrays,
         outputs=_requested_outputs(request.get("outputs"), meta, binary_output),
         binary_output=binary_output,
-        timeout_us=_timeout(parameters),
-        routing_key=_routing_key(parameters),
+        timeout_us=timeout_parameter(parameters.get("timeout")),
+        routing_key=routing_key_parameter(parameters.get("routing_key")),
     )
 
 
@@ -355,10 +356,10 @@ def _loads_non_finite(text: bytes, error: orjson.JSONDecodeError) -> Any:
     return document
 
 
-def _routing_key(parameters: dict[str, Any]) -> bytes | None:
-    """tidegate's `routing_key` request parameter: requests with the same key see the
-    same version of a model with a canary (see `traffic`)."""
-    key = parameters.get("routing_key")
+def routing_key_parameter(key: object) -> bytes | None:
+    """tidegate's `routing_key` request parameter (its value, None when absent):
+    requests with the same key see the same version of a model with a canary (see
+    `traffic`)."""
     if key is None:
         return None
     if isinstance(key, bool) or not isinstance(key, str | int):
@@ -366,9 +367,9 @@ def _routing_key(parameters: dict[str, Any]) -> bytes | None:
     return str(key).encode()
 
 
-def _timeout(parameters: dict[str, Any]) -> int | None:
-    """Triton's `timeout` request parameter, in microseconds; 0 means none, as in Triton."""
-    timeout = parameters.get("timeout")
+def timeout_parameter(timeout: object) -> int | None:
+    """Triton's `timeout` request parameter (its value, None when absent), in
+    microseconds; 0 means none, as in Triton."""
     if timeout is None:
         return None
     if type(timeout) is not int or timeout < 0:

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,19 +206,39 @@ class ControlPlane:
                 await self._transition(rollout, RUNNING, "resume", actor, reason)
             return self.rollout_status(name)
 
-    async def load(self, name: str, version: str | None) -> None:
-        """The repository API's load, on every worker (see `Registry.load`)."""
-        async with self.change():
-            await self.registry.load(name, version, revision=self._next_generation())
-            await self._publish()
-
-    async def unload(self, name: str, version: str | None) -> str | None:
-        """The repository API's unload, on every worker (see `Registry.unload`)."""
-        async with self.change():
-            nothing_done = await self.registry.unload(name, version)
-            if nothing_done is None:
+    async def load(self, name: str, version: str | None, actor: str) -> None:
+        """The repository API's load (either transport), on every worker (see
+        `Registry.load`), audited."""
+        async with self._audited(actor, "load", name, version):
+            async with self.change():
+                await self.registry.load(name, version, revision=self._next_generation())
                 await self._publish()
-            return nothing_done
+
+    async def unload(self, name: str, version: str | None, actor: str) -> str | None:
+        """The repository API's unload (either transport), on every worker (see
+        `Registry.unload`), audited: as a no-op, with why, when nothing was loaded."""
+        async with self._audited(actor, "unload", name, version) as outcome:
+            async with self.change():
+                nothing_done = await self.registry.unload(name, version)
+                if nothing_done is None:
+                    await self._publish()
+            if nothing_done is not None:
+                outcome.no_op(nothing_done)
+        return nothing_done
+
+    @contextlib.asynccontextmanager
+    async def _audited(
+        self, actor: str, action: str, name: str, version: str | None
+    ) -> AsyncIterator["_Outcome"]:
+        """Appends the action to the audit log: done, a no-op (with why) or failed (with
+        the error)."""
+        outcome = _Outcome()
+        try:
+            yield outcome
+        except TidegateError as exc:
+            await self.record(actor, action, name, "failed", exc.message, version=version)
+            raise
+        await self.record(actor, action, name, outcome.outcome, outcome.reason, version=version)
 
     # -- the judge ------------------------------------------------------------------
 
@@ -478,12 +499,24 @@ class ControlPlane:
     async def follow_forever(self) -> None:
         """Catches up with changes no worker told this one about (it was starting, or
         the call was lost), until cancelled."""
+        seen: tuple[int, int, int] | None = None
         while True:
             await asyncio.sleep(FOLLOW_S)
+            # A stat per look: the file is read again only once it changed since it was
+            # applied (one that was refused is tried, and reported, at every look).
+            try:
+                info = os.stat(self.state.path)
+            except FileNotFoundError:
+                continue
+            signature = (info.st_ino, info.st_mtime_ns, info.st_size)
+            if signature == seen:
+                continue
             try:
                 await self.follow()
             except NotApplied as exc:
                 log.error("desired state not applied: %s", exc.message)
+                continue
+            seen = signature
 
     async def _merged_windows(self, name: str, local: StepWindows) -> StepWindows:
         """The model's step windows summed over every worker (this one's alone without
@@ -569,3 +602,14 @@ def _versions(rollout: Rollout) -> dict[str, Any]:
         "step": rollout.step + 1,
         "weight": rollout.weight,
     }
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """How an audited action ended, when it did not fail."""
+
+    outcome: str = "done"
+    reason: str = ""
+
+    def no_op(self, reason: str) -> None:
+        self.outcome, self.reason = "no-op", reason

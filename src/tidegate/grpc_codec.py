@@ -23,7 +23,10 @@ from tidegate.codec import (
     input_spec,
     output_blob,
     reject_non_finite,
+    routing_key_parameter,
     tensor_shape,
+    timeout_parameter,
+    to_datatype,
 )
 from tidegate.errors import BadRequest
 from tidegate.protocol import ModelMetadata, TensorSpec
@@ -75,15 +78,7 @@ def _from_contents(spec: TensorSpec, contents: Any, shape: tuple[int, ...]) -> n
         except UnicodeDecodeError as exc:
             raise BadRequest(f"input '{spec.name}': an element is not UTF-8 text") from exc
         return array.reshape(shape)
-    target = spec.datatype.numpy
-    array = np.asarray(values)
-    if target.kind in "iu" and array.size:
-        info = np.iinfo(target)
-        if array.min() < info.min or array.max() > info.max:
-            raise BadRequest(
-                f"input '{spec.name}': a value is out of range for {spec.datatype.name}"
-            )
-    return array.astype(target).reshape(shape)
+    return to_datatype(spec, np.asarray(values)).reshape(shape)
 
 
 def decode_infer(
@@ -128,25 +123,9 @@ def decode_infer(
         inputs=arrays,
         outputs=tuple(requested),
         binary_output=True,
-        timeout_us=_timeout(parameter(request.parameters, "timeout")),
-        routing_key=_routing_key(parameter(request.parameters, "routing_key")),
+        timeout_us=timeout_parameter(parameter(request.parameters, "timeout")),
+        routing_key=routing_key_parameter(parameter(request.parameters, "routing_key")),
     )
-
-
-def _timeout(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"parameter 'timeout' must be a number of microseconds, not {value!r}")
-    return value or None
-
-
-def _routing_key(value: object) -> bytes | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise BadRequest(f"parameter 'routing_key' must be a string, not {value!r}")
-    return str(value).encode()
 
 
 def encode_infer(

@@ -176,31 +176,20 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
         actor = await self._allow(context, Role.OPERATOR, "RepositoryModelLoad")
-        version = _repository_version(request.parameters)
         try:
-            await self.control.load(request.model_name, version)
+            version = _repository_version(request.parameters)
+            await self.control.load(request.model_name, version, actor)
         except TidegateError as exc:
-            await self.control.record(
-                actor, "load", request.model_name, "failed", exc.message, version=version
-            )
             await self._fail(context, exc)
-        await self.control.record(actor, "load", request.model_name, "done", version=version)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
         actor = await self._allow(context, Role.OPERATOR, "RepositoryModelUnload")
-        version = _repository_version(request.parameters)
         try:
-            nothing_done = await self.control.unload(request.model_name, version)
+            version = _repository_version(request.parameters)
+            await self.control.unload(request.model_name, version, actor)
         except TidegateError as exc:
-            await self.control.record(
-                actor, "unload", request.model_name, "failed", exc.message, version=version
-            )
             await self._fail(context, exc)
-        outcome = "done" if nothing_done is None else "no-op"
-        await self.control.record(
-            actor, "unload", request.model_name, outcome, nothing_done or "", version=version
-        )
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference ----------------------------------------------------------------------
@@ -262,8 +251,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except TidegateError:
             self.core.refused(deployment, started)
             raise
-        first = next(iter(decoded.inputs.values()))
-        rows = first.shape[0] if deployment.max_batch_size and first.ndim else 1
         decode_ns = time.perf_counter_ns() - started
 
         def encode(answering: Deployment, outputs: Tensors) -> Any:
@@ -280,13 +267,13 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             deployment,
             version,
             decoded,
-            rows,
             None if key is None else key.encode(),
             started,
             decode_ns,
             encode,
         )
-        self.core.after(served)
+        # Once this call has returned its answer, as HTTP does after its send.
+        asyncio.get_running_loop().call_soon(self.core.after, served)
         return served.payload, served.variant.name
 
 

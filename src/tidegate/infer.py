@@ -224,7 +224,7 @@ class InferRouter:
         started = time.perf_counter_ns()
         deployment = self.core.resolve(model, version)
         try:
-            decoded, rows, key, decode_ns = await self._decode(scope, receive, deployment)
+            decoded, key, decode_ns = await self._decode(scope, receive, deployment)
         except TidegateError:
             self.core.refused(deployment, started)
             raise
@@ -234,15 +234,13 @@ class InferRouter:
                 answering.name, answering.version_label, decoded, outputs, answering.model.meta
             )
 
-        return await self.core.infer(
-            deployment, version, decoded, rows, key, started, decode_ns, encode
-        )
+        return await self.core.infer(deployment, version, decoded, key, started, decode_ns, encode)
 
     async def _decode(
         self, scope: Scope, receive: Receive, deployment: Deployment
-    ) -> tuple[codec.InferRequest, int, bytes | None, int]:
-        """The request's body read and decoded; its rows, its routing-key header and the
-        time decoding took."""
+    ) -> tuple[codec.InferRequest, bytes | None, int]:
+        """The request's body read and decoded; its routing-key header and the time
+        decoding took."""
         content_length = content_encoding = header_length = key = None
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -268,9 +266,7 @@ class InferRouter:
             reject_nan=deployment.config.validation.reject_nan,
         )
         del body  # parsed: a JSON body (arrays from a binary one keep it) need not wait too
-        first = next(iter(decoded.inputs.values()))
-        rows = first.shape[0] if deployment.max_batch_size and first.ndim else 1
-        return decoded, rows, key, time.perf_counter_ns() - decode_start
+        return decoded, key, time.perf_counter_ns() - decode_start
 
 
 def _headers(served: "Served[tuple[bytes, int | None]]") -> list[tuple[bytes, bytes]]:

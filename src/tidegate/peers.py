@@ -19,8 +19,6 @@ import httpx
 
 from tidegate.supervisor import RUN_DIR_ENV, WORKER_ENV
 
-INTERNAL_PREFIX = "/internal/"
-
 
 @dataclass(slots=True, frozen=True)
 class Reply:
@@ -63,8 +61,6 @@ class Peers:
     async def drift_states(self, model: str, version: str) -> list[dict[str, Any]]:
         """The other workers' drift states of a version (see `Deployment.drift_state`);
         a worker without one yet (its reference is not complete) is left out."""
-        if self.run_dir is None:
-            return []
         replies = await self.call("GET", f"/internal/drift/{model}/{version}")
         return [reply.body for reply in replies if reply.status == 200]
 

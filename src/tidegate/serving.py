@@ -83,7 +83,6 @@ class InferenceCore:
         deployment: Deployment,
         version: str | None,
         decoded: InferRequest,
-        rows: int,
         key: bytes | None,
         started: int,
         decode_ns: int,
@@ -95,6 +94,8 @@ class InferenceCore:
         request's own parameter; `encode` the transport's answer from the outputs,
         timed as Triton's compute_output."""
         model = deployment.name
+        first = next(iter(decoded.inputs.values()))
+        rows = first.shape[0] if deployment.max_batch_size and first.ndim else 1
         live = self.traffic.live(model) if version is None else None
         variant = STABLE
         mirror = False

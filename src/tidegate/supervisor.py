@@ -186,8 +186,8 @@ class Supervisor:
             log.error("cannot write %s: %s", self.run_dir / STATUS_FILE, exc)
 
     def _start(self, slot: _Slot) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.run_dir / f"{slot.name}.sock").unlink()  # a killed worker's leftover
+        # A killed worker's socket file stays until its successor binds in its place
+        # (`server._worker_sockets`); until then, calls to it are refused and skipped.
         env = {
             **os.environ,
             CONFIG_ENV: config_to_env(self.config),

@@ -3,9 +3,6 @@ health, metadata, and Triton's repository, configuration and statistics
 extensions. Thin: state lives in `registry`."""
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -14,7 +11,7 @@ from starlette.responses import Response
 
 from tidegate import __version__
 from tidegate.control import ControlPlane
-from tidegate.errors import BadRequest, TidegateError
+from tidegate.errors import BadRequest
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import receive_body
 from tidegate.peers import Peers
@@ -133,7 +130,6 @@ class DataPlane:
         self.executor = executor
         self.max_body = max_body
         self.control = control  # loads and unloads are changes of the desired state
-        self.audit = control.record
 
     def _resolve(self, request: Request) -> Deployment:
         return self.registry.resolve(
@@ -230,9 +226,8 @@ class DataPlane:
 
     async def repository_load(self, request: Request) -> Response:
         version = await self._version_parameter(request, set())
-        name = request.path_params["model"]
-        async with self._audited(request, "load", name, version):
-            await self.control.load(name, version)
+        actor = request.scope.get(ACTOR_KEY, "anonymous")
+        await self.control.load(request.path_params["model"], version, actor)
         return json_response({})
 
     async def repository_unload(self, request: Request) -> Response:
@@ -240,36 +235,8 @@ class DataPlane:
         loaded (Triton's idempotent unload, see `Registry.unload`), audited as a no-op."""
         # tritonclient always sends unload_dependents; there are no ensembles to unload.
         version = await self._version_parameter(request, {"unload_dependents"})
-        name = request.path_params["model"]
-        async with self._audited(request, "unload", name, version) as outcome:
-            nothing_done = await self.control.unload(name, version)
-            if nothing_done is not None:
-                outcome.no_op(nothing_done)
-                return json_response({"message": nothing_done})
-        return json_response({})
-
-    @contextlib.asynccontextmanager
-    async def _audited(
-        self, request: Request, action: str, name: str, version: str | None
-    ) -> AsyncIterator["_Outcome"]:
-        """Appends the action to the audit log: done, a no-op (with why) or failed (with
-        the error)."""
         actor = request.scope.get(ACTOR_KEY, "anonymous")
-        outcome = _Outcome()
-        try:
-            yield outcome
-        except TidegateError as exc:
-            await self.audit(actor, action, name, "failed", exc.message, version=version)
-            raise
-        await self.audit(actor, action, name, outcome.outcome, outcome.reason, version=version)
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """How an audited action ended, when it did not fail."""
-
-    outcome: str = "done"
-    reason: str = ""
-
-    def no_op(self, reason: str) -> None:
-        self.outcome, self.reason = "no-op", reason
+        nothing_done = await self.control.unload(request.path_params["model"], version, actor)
+        if nothing_done is not None:
+            return json_response({"message": nothing_done})
+        return json_response({})
