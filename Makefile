@@ -9,7 +9,7 @@ REPO ?= models
 CONSTRAINTS := constraints.txt
 PIP := $(BIN)/python -m pip install -c $(CONSTRAINTS)
 
-.PHONY: install install-test install-bench kernels serve test check format bench models proto lock clean
+.PHONY: install install-test install-bench system-deps kernels serve test check format bench models proto lock clean
 
 # Each install also compiles the drift kernels ahead of time (`tidegate kernels build`,
 # into the kernel cache), so the first serve loads them instead of building them; without
@@ -55,7 +55,26 @@ check: install-test
 	$(BIN)/ruff check src tests scripts benchmarks
 	$(BIN)/mypy
 
-test: check
+# Programs the tests drive that pip does not install, as command:Debian-package pairs:
+# Chromium for the dashboard's browser tests, promtool (Debian's prometheus package) for
+# the alert rules'. As root (CI) the missing ones are installed; otherwise the exact
+# command to run is printed.
+SYSTEM_TOOLS := chromium:chromium promtool:prometheus
+
+system-deps:
+	@missing=; for pair in $(SYSTEM_TOOLS); do \
+		command -v "$${pair%%:*}" >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive \
+			apt-get install --yes --no-install-recommends $$missing; \
+	else \
+		echo "make test needs:$$missing. Run:" >&2; \
+		echo "  sudo apt-get update && sudo apt-get install --yes --no-install-recommends$$missing" >&2; \
+		exit 1; \
+	fi
+
+test: check system-deps
 	$(BIN)/python -m pytest
 
 format: install-test
