@@ -49,6 +49,7 @@ LAYERS = {
         "loadgen_grpc",
         "benchplot",
         "judge",
+        "step_windows",
         "rollout",
         "requestlog",
         "peers",

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tidegate.audit import AuditLog
-from tidegate.canary import StepWindows, Traffic
+from tidegate.canary import Traffic
 from tidegate.config import parse_rollout
 from tidegate.errors import BadRequest, Conflict, NotApplied, NotFound, TidegateError
 from tidegate.judge import Judgement, judge
@@ -43,6 +43,7 @@ from tidegate.reconcile import Reconciler, encode_models, models_of
 from tidegate.registry import Registry
 from tidegate.rollout import PAUSED, PROMOTED, ROLLED_BACK, RUNNING, Rollout
 from tidegate.state import StateFile
+from tidegate.step_windows import StepWindows
 from tidegate.traffic import TrafficPolicy
 
 log = logging.getLogger("tidegate.control")
