@@ -77,6 +77,7 @@ LAYERS = {
         "access",
         "internal",
         "grpc_server",
+        "fleet",
     },
     4: {
         "server",
@@ -85,6 +86,7 @@ LAYERS = {
         "cli_common",
         "cli_rollout",
         "cli_bench",
+        "cli_fleet",
         "__main__",
         "worker",
     },
@@ -97,8 +99,8 @@ OWNERS = {
     "httpx": {"peers"},
     "uvicorn": {"server", "connection"},
     "httptools": {"connection"},
-    "click": {"cli", "cli_common", "cli_rollout", "cli_bench"},
-    "rich": {"cli", "cli_common", "cli_rollout", "cli_bench"},
+    "click": {"cli", "cli_common", "cli_rollout", "cli_bench", "cli_fleet"},
+    "rich": {"cli", "cli_common", "cli_rollout", "cli_bench", "cli_fleet"},
     # kernels_build runs in a subprocess: serving processes load its output, not numba.
     "numba": {"kernels", "kernels_build"},
     "llvmlite": set(),

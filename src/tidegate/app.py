@@ -86,6 +86,7 @@ def _routes(plane: DataPlane) -> list[Route]:
         Route("/v2/repository/models/{model}/unload", plane.repository_unload, methods=["POST"]),
     ]
     routes.append(Route(f"{version}/drift/state", plane.drift_state, methods=["GET"]))
+    routes.append(Route(f"{version}/drift", plane.fleet_drift, methods=["POST"]))
     for prefix in (model, version):
         routes += [
             Route(prefix, plane.model_metadata, methods=["GET"]),
@@ -166,9 +167,9 @@ def create_app(config: ServerConfig) -> ASGIApp:
         gc.freeze()
         observer.start()
         polling = None if poller is None else asyncio.create_task(poller.run())
-        tasks = [asyncio.create_task(control.run())]
-        if control.peers.enabled:
-            tasks.append(asyncio.create_task(control.follow_forever()))
+        # Every server follows the desired state on disk: the workers of one server and
+        # the replicas of a fleet sharing a state directory change it for each other.
+        tasks = [asyncio.create_task(control.run()), asyncio.create_task(control.follow_forever())]
         grpc_server = None
         if config.grpc_port:  # imported only then: a server without gRPC loads none of it
             from tidegate import grpc_server as grpc_transport

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import click
 
@@ -22,9 +22,11 @@ from tidegate.cli_common import (
     control,
     json_option,
     make_console,
+    print_drift,
     token_option,
     url_option,
 )
+from tidegate.cli_fleet import fleet
 from tidegate.cli_rollout import (
     audit,
     canary,
@@ -387,60 +389,7 @@ def drift(model: str, version: int | None, url: str, token: str | None, as_json:
         click.echo(json.dumps(document, indent=2))
         return
     for report in [document] if version is not None else document["versions"]:
-        _print_drift(report)
-
-
-_VERDICT_STYLES = {"drift": "red", "no_drift": "green", "insufficient_data": "yellow"}
-_DRIFT_COLUMNS = (
-    # (header, report key, format)
-    ("rows", "rows", "{:.0f}"),
-    ("PSI", "psi", "{:.3f}"),
-    ("JS", "js_distance", "{:.3f}"),
-    ("KS", "ks", "{:.3f}"),
-    ("p-value", "p_value", "{:.2g}"),
-    ("shift sd", "mean_shift_sigma", "{:+.2f}"),
-    ("var ratio", "variance_ratio", "{:.2f}"),
-    ("NaN", "nan_rate", "{:.1%}"),
-    ("out of range", "out_of_range_rate", "{:.1%}"),
-)
-
-
-def _print_drift(report: dict[str, Any]) -> None:
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
-    head = f"{report['model_name']} version {report['model_version']}"
-    state = report.get("state")
-    if state != "ready":
-        detail = ""
-        if state == "collecting_reference":
-            detail = f": {report['reference']['rows']}/{report['reference_rows_needed']} rows"
-        click.echo(f"{head}: {state}{detail}")
-        return
-    summary, reference = report["summary"], report["reference"]
-    click.echo(
-        f"{head}: {summary['verdict']} | {summary['window_rows']:.0f} rows in window, "
-        f"reference {reference['rows']} rows from {reference['source']}, "
-        f"{report['dropped_batches']} batches dropped"
-    )
-    table = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
-    table.add_column("feature")
-    for header, _, _ in _DRIFT_COLUMNS:
-        table.add_column(header, justify="right")
-    table.add_column("verdict")
-    for row in [*report["inputs"], *report["outputs"], *report["classes"]]:
-        cells = [
-            "" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in _DRIFT_COLUMNS
-        ]
-        verdict = row["verdict"]
-        table.add_row(
-            Text(row["name"]), *cells, Text(verdict, style=_VERDICT_STYLES.get(verdict, ""))
-        )
-    console = make_console()
-    # Eleven columns of numbers: never squeeze them into 80 columns by cutting digits.
-    console.width = max(console.width, 132)
-    console.print(table)
+        print_drift(report)
 
 
 @click.command("token", short_help="Make a bearer token and its auth-file entry.")
@@ -509,5 +458,6 @@ for _command in (
     make_token,
     bench,
     kernels,
+    fleet,
 ):
     main.add_command(_command)

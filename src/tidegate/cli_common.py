@@ -103,3 +103,57 @@ def parse_numbers(text: str | None, kind: Callable[[str], Any]) -> list[Any]:
 
 def format_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+_VERDICT_STYLES = {"drift": "red", "no_drift": "green", "insufficient_data": "yellow"}
+_DRIFT_COLUMNS = (
+    # (header, report key, format)
+    ("rows", "rows", "{:.0f}"),
+    ("PSI", "psi", "{:.3f}"),
+    ("JS", "js_distance", "{:.3f}"),
+    ("KS", "ks", "{:.3f}"),
+    ("p-value", "p_value", "{:.2g}"),
+    ("shift sd", "mean_shift_sigma", "{:+.2f}"),
+    ("var ratio", "variance_ratio", "{:.2f}"),
+    ("NaN", "nan_rate", "{:.1%}"),
+    ("out of range", "out_of_range_rate", "{:.1%}"),
+)
+
+
+def print_drift(report: dict[str, Any]) -> None:
+    """A version's drift report as a table of its features (`tidegate drift`, `fleet drift`)."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    head = f"{report['model_name']} version {report['model_version']}"
+    state = report.get("state")
+    if state != "ready":
+        detail = ""
+        if state == "collecting_reference":
+            detail = f": {report['reference']['rows']}/{report['reference_rows_needed']} rows"
+        click.echo(f"{head}: {state}{detail}")
+        return
+    summary, reference = report["summary"], report["reference"]
+    click.echo(
+        f"{head}: {summary['verdict']} | {summary['window_rows']:.0f} rows in window, "
+        f"reference {reference['rows']} rows from {reference['source']}, "
+        f"{report['dropped_batches']} batches dropped"
+    )
+    table = Table(box=box.SIMPLE, show_edge=False, pad_edge=False)
+    table.add_column("feature")
+    for header, _, _ in _DRIFT_COLUMNS:
+        table.add_column(header, justify="right")
+    table.add_column("verdict")
+    for row in [*report["inputs"], *report["outputs"], *report["classes"]]:
+        cells = [
+            "" if row.get(key) is None else fmt.format(row[key]) for _, key, fmt in _DRIFT_COLUMNS
+        ]
+        verdict = row["verdict"]
+        table.add_row(
+            Text(row["name"]), *cells, Text(verdict, style=_VERDICT_STYLES.get(verdict, ""))
+        )
+    console = make_console()
+    # Eleven columns of numbers: never squeeze them into 80 columns by cutting digits.
+    console.width = max(console.width, 132)
+    console.print(table)

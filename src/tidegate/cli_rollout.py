@@ -40,7 +40,7 @@ _STATUS_STYLES = {
 _CHECK_STYLES = {"pass": "green", "fail": "red", "continue": "yellow"}
 
 
-def _wide(console: "Console") -> "Console":
+def wide(console: "Console") -> "Console":
     """Tables of reasons and numbers: give them room when the output is a file or pipe,
     where nothing wraps; on a terminal the terminal's width rules (a live display wider
     than the terminal cannot redraw itself)."""
@@ -129,7 +129,7 @@ def _show_traffic(document: dict[str, Any], as_json: bool) -> None:
     click.echo(f"{document.get('model_name', '?')}: {_policy_text(document)}")
     window = document.get("window")
     if isinstance(window, dict):
-        console = _wide(make_console())
+        console = wide(make_console())
         for renderable in _window_renderables(window):
             console.print(renderable)
 
@@ -287,30 +287,46 @@ _ROLLOUT_SETTINGS: list[tuple[str, str, Any, str, str]] = [
 ]
 
 
-def _rollout_settings(command: Decorated) -> Decorated:
+def rollout_options(command: Decorated) -> Decorated:
+    """--steps, --shadow/--split and the judge's settings: a new rollout's options (see
+    `rollout_request`)."""
     for option, key, kind, metavar, help_text in reversed(_ROLLOUT_SETTINGS):
         command = click.option(
             option, key, type=kind, default=None, metavar=metavar, help=help_text
         )(command)
-    return command
+    command = click.option(
+        "--shadow/--split",
+        default=None,
+        help="Shadow: stable answers everything and the canary runs on a mirrored share; "
+        "split: the canary answers its share (default: the model's [rollout] mode, split).",
+    )(command)
+    return click.option(
+        "--steps",
+        callback=_steps,
+        metavar="W,W,...",
+        help="The canary's weights in percent, increasing, ending at 100 (default 5,25,50,100).",
+    )(command)
+
+
+def rollout_request(
+    version: int | None, steps: list[float] | None, shadow: bool | None, settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The options of a rollout request from `rollout_options`' values: only those
+    given, so that the model's [rollout] section supplies the rest."""
+    options = {key: value for key, value in settings.items() if value is not None}
+    if steps is not None:
+        options["steps"] = steps
+    if shadow is not None:
+        options["mode"] = "shadow" if shadow else "split"
+    if version is None and options:
+        raise click.UsageError("rollout settings take a VERSION to start a rollout with")
+    return options
 
 
 @click.command(short_help="Roll a version out in judged steps, and watch it.")
 @click.argument("model")
 @click.argument("version", required=False, type=click.IntRange(min=1))
-@click.option(
-    "--steps",
-    callback=_steps,
-    metavar="W,W,...",
-    help="The canary's weights in percent, increasing, ending at 100 (default 5,25,50,100).",
-)
-@click.option(
-    "--shadow/--split",
-    default=None,
-    help="Shadow: stable answers everything and the canary runs on a mirrored share; "
-    "split: the canary answers its share (default: the model's [rollout] mode, split).",
-)
-@_rollout_settings
+@rollout_options
 @click.option("--detach", is_flag=True, help="Start the rollout and return at once.")
 @url_option
 @token_option
@@ -346,13 +362,7 @@ def rollout(
     Ctrl-C stops the watching only (exit status 130): the rollout continues on
     the server; `tidegate rollback MODEL` stops it.
     """
-    options = {key: value for key, value in settings.items() if value is not None}
-    if steps is not None:
-        options["steps"] = steps
-    if shadow is not None:
-        options["mode"] = "shadow" if shadow else "split"
-    if version is None and options:
-        raise click.UsageError("rollout settings take a VERSION to start a rollout with")
+    options = rollout_request(version, steps, shadow, settings)
     with control(url, token) as client:
         if version is None:
             document = client.rollout(model)
@@ -362,15 +372,15 @@ def rollout(
             click.echo(json.dumps(document, indent=2))
             return
         if version is not None:
-            click.echo(f"started: {_status_line(document)}")
+            click.echo(f"started: {status_line(document)}")
         if detach:
             if version is None:
-                _wide(make_console()).print(_rollout_view(document))
+                wide(make_console()).print(rollout_view(document))
             else:
                 click.echo(f"watch it with: tidegate rollout {model}")
             return
         document = _watch(client, model, document)
-    click.echo(_status_line(document))
+    click.echo(status_line(document))
     if document.get("status") == "rolled_back":
         raise click.exceptions.Exit(ROLLED_BACK_EXIT)
 
@@ -380,18 +390,18 @@ def _watch(client: "ControlClient", model: str, document: dict[str, Any]) -> dic
     returns its last status. Ctrl-C leaves the rollout running and exits 130."""
     from rich.live import Live
 
-    console = _wide(make_console())
+    console = wide(make_console())
     interrupted = False
     try:
-        with Live(_rollout_view(document), console=console, auto_refresh=False) as live:
+        with Live(rollout_view(document), console=console, auto_refresh=False) as live:
             while document.get("status") not in _FINISHED:
                 time.sleep(WATCH_INTERVAL_S)
                 document = client.rollout(model)
-                live.update(_rollout_view(document), refresh=True)
+                live.update(rollout_view(document), refresh=True)
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        _end_live(console)
+        end_live(console)
     if interrupted:
         click.echo(
             f"stopped watching: the rollout of {model} continues on the server "
@@ -403,14 +413,14 @@ def _watch(client: "ControlClient", model: str, document: dict[str, Any]) -> dic
     return document
 
 
-def _end_live(console: "Console") -> None:
+def end_live(console: "Console") -> None:
     """Ends the line of the last view: to a file or pipe `Live` draws only that last view,
     once, and without a newline (a terminal gets its own)."""
     if not console.is_terminal:
         console.line()
 
 
-def _status_line(document: Mapping[str, Any]) -> str:
+def status_line(document: Mapping[str, Any]) -> str:
     """`wine: the rollout of version 3 (stable 1) is running at step 1/4, 5 %: <reason>`."""
     status = str(document.get("status", "?"))
     steps = document.get("steps") or []
@@ -423,7 +433,7 @@ def _status_line(document: Mapping[str, Any]) -> str:
     return f"{line}: {reason}" if reason else line
 
 
-def _rollout_view(document: Mapping[str, Any]) -> Any:
+def rollout_view(document: Mapping[str, Any]) -> Any:
     """What the watch draws: where the rollout stands, the judge's last look with each
     check's verdict, numbers and reason, and the step's traffic window."""
     from rich import box
@@ -602,7 +612,7 @@ def _act(action: "RolloutAction", model: str, url: str, token: str | None, as_js
     if as_json:
         click.echo(json.dumps(document, indent=2))
     else:
-        click.echo(_status_line(document))
+        click.echo(status_line(document))
 
 
 @click.command(short_help="Show the audit log of control actions.")
@@ -658,7 +668,7 @@ def _print_audit(entries: list[dict[str, Any]]) -> None:
             Text(outcome, style=_STATUS_STYLES.get(outcome, "")),
             Text(str(entry.get("reason", ""))),
         )
-    _wide(make_console()).print(table)
+    wide(make_console()).print(table)
 
 
 def _audit_details(entry: Mapping[str, Any]) -> tuple[str, str]:

@@ -179,6 +179,28 @@ class ControlClient:
             path += f"/versions/{quote(str(version), safe='')}"
         return cast(dict[str, Any], self._request("GET", f"{path}/drift", expect=dict))
 
+    def drift_state(self, model: str, version: int | str) -> dict[str, Any]:
+        """tidegate's raw drift state of a version (`GET .../versions/N/drift/state`):
+        additive counts, to merge with other replicas' (`merged_drift`).
+
+        Raises:
+            ServerError: 404 while the version has no reference yet.
+        """
+        path = f"/v2{_model_path(model)}/versions/{quote(str(version), safe='')}/drift/state"
+        return cast(dict[str, Any], self._request("GET", path))
+
+    def merged_drift(
+        self, model: str, version: int | str, states: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The version's drift report over this server's traffic plus `states` (other
+        replicas' `drift_state`s): `POST .../versions/N/drift`.
+
+        Raises:
+            ServerError: 400 naming a state counted against another reference.
+        """
+        path = f"/v2{_model_path(model)}/versions/{quote(str(version), safe='')}/drift"
+        return cast(dict[str, Any], self._request("POST", path, {"states": states}))
+
     def load(self, model: str, version: int | str | None = None) -> None:
         """(Re)loads a model, or one version of it; returns once it serves."""
         self._request("POST", f"/v2/repository{_model_path(model)}/load", _options(version))
@@ -233,6 +255,31 @@ class ControlClient:
             ServerError: 404 when the model has never had a rollout.
         """
         return cast(dict[str, Any], self._request("GET", f"/v2{_model_path(model)}/rollout"))
+
+    def applied_state(self) -> dict[str, Any]:
+        """`GET /v2/state`: the desired state this server applied, with its `generation`."""
+        return cast(dict[str, Any], self._request("GET", "/v2/state"))
+
+    def fleet_view(self, model: str) -> dict[str, Any]:
+        """`GET /v2/models/MODEL/traffic/state`: what a fleet judge reads of one replica:
+        its `generation`, the model's `policy` and `rollout` (as the state file holds
+        them), and its step `windows` as additive state (None without a canary)."""
+        return cast(dict[str, Any], self._request("GET", f"/v2{_model_path(model)}/traffic/state"))
+
+    def judgement(
+        self, model: str, step: int, action: str, reason: str, checks: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """`POST /v2/models/MODEL/rollout/judgement`: a fleet judge's decision about the
+        1-based `step` it judged (advance, rollback, pause or resume), applied once for
+        every replica that shares the server's desired state. Returns the rollout's status.
+
+        Raises:
+            ServerError: 409 when the rollout is not fleet-judged, has finished, or is
+                no longer at `step`.
+        """
+        body = {"step": step, "action": action, "reason": reason, "checks": checks}
+        path = f"/v2{_model_path(model)}/rollout/judgement"
+        return cast(dict[str, Any], self._request("POST", path, body))
 
     def rollout_action(self, model: str, action: RolloutAction) -> dict[str, Any]:
         """`POST /v2/models/MODEL/rollout/ACTION`: promote, roll back, pause or resume the

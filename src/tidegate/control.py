@@ -36,12 +36,12 @@ from tidegate.audit import AuditLog
 from tidegate.canary import Traffic
 from tidegate.config import parse_rollout
 from tidegate.errors import BadRequest, Conflict, NotApplied, NotFound, TidegateError
-from tidegate.judge import Judgement, judge
+from tidegate.judge import Judgement
 from tidegate.peers import Peers
 from tidegate.protocol import ascii_number
 from tidegate.reconcile import Reconciler, encode_models, models_of
 from tidegate.registry import Registry
-from tidegate.rollout import PAUSED, PROMOTED, ROLLED_BACK, RUNNING, Rollout
+from tidegate.rollout import FLEET, JUDGES, PAUSED, PROMOTED, ROLLED_BACK, RUNNING, Rollout
 from tidegate.state import StateFile
 from tidegate.step_windows import StepWindows
 from tidegate.traffic import TrafficPolicy
@@ -49,6 +49,8 @@ from tidegate.traffic import TrafficPolicy
 log = logging.getLogger("tidegate.control")
 
 JUDGE = "judge"  # the actor of the judge's own actions
+FLEET_JUDGE = "fleet judge"  # ... and of a fleet judge's, with the name of its token
+FLEET_ACTIONS = ("advance", "rollback", "pause", "resume")  # what a fleet judge may decide
 TICK_S = 0.05  # how often the judge's task wakes to see whose epoch is due
 FOLLOW_S = 0.5  # how often a worker looks for a generation it was not told about
 RECONCILE_TIMEOUT_S = 300.0  # a worker's builds for one generation (large models load slowly)
@@ -154,6 +156,9 @@ class ControlPlane:
         version = options.pop("version", None)
         if isinstance(version, bool) or not isinstance(version, str | int):
             raise BadRequest("'version' (the canary's version number) is required")
+        judged_by = options.pop("judge", "server")
+        if judged_by not in JUDGES:
+            raise BadRequest(f"'judge' must be one of {', '.join(JUDGES)}, not {judged_by!r}")
         async with self.change():
             current = self.rollouts.get(name)
             if current is not None and not current.finished:
@@ -175,7 +180,7 @@ class ControlPlane:
                 await self.record(
                     actor, "load", name, "done", "the rollout's canary", version=canary
                 )
-            rollout = Rollout(name, stable.version, number, config, loaded)
+            rollout = Rollout(name, stable.version, number, config, loaded, judge=judged_by)
             rollout.note("start", actor, f"canary {canary} at {rollout.weight} % ({config.mode})")
             self.rollouts[name] = rollout
             self._route(rollout)
@@ -202,9 +207,7 @@ class ControlPlane:
             elif rollout.status == RUNNING:
                 raise Conflict(f"the rollout of model '{name}' is running, not paused")
             else:
-                self._route(rollout)
-                self.traffic.new_window(name)  # what was seen while paused is not judged
-                await self._transition(rollout, RUNNING, "resume", actor, reason)
+                await self._resume(rollout, actor, reason)
             return self.rollout_status(name)
 
     async def load(self, name: str, version: str | None, actor: str) -> None:
@@ -254,7 +257,7 @@ class ControlPlane:
             now = time.monotonic()
             for name, rollout in list(self.rollouts.items()):
                 due = self._looked.get(name, 0.0) + rollout.config.epoch_s
-                if rollout.status != RUNNING or now < due:
+                if rollout.status != RUNNING or rollout.judge == FLEET or now < due:
                     continue
                 self._looked[name] = now
                 try:
@@ -292,39 +295,56 @@ class ControlPlane:
             return None
         live = self.traffic.live(rollout.model)
         assert live is not None  # a running rollout's canary is always routed
-        windows = await self._merged_windows(rollout.model, live.windows)
-        config = rollout.config
-        dwell = rollout.seconds_in_step()
-        ready = windows.canary.requests >= config.min_rows and dwell >= config.min_dwell_s
-        if ready:
-            rollout.ready_looks += 1
-        verdict = judge(
-            windows.stable,
-            windows.canary,
-            split_stable=windows.split_stable,
-            split_canary=windows.split_canary,
-            weight=rollout.weight,
-            shadow=windows.shadow,
-            thresholds=rollout.thresholds,
-            alpha_step=rollout.alpha_step,
-            ready=ready,
-            expired=dwell >= config.max_dwell_s,
-            ready_look=max(rollout.ready_looks, 1),
-        )
-        rollout.judgement = {
-            "time": time.time(),
-            "action": verdict.action,
-            "reason": verdict.reason,
-            "checks": [check.to_dict() for check in verdict.checks],
-        }
-        checks = rollout.judgement["checks"]
-        if verdict.action == "rollback":
-            await self._roll_back(rollout, JUDGE, verdict.reason, checks)
-        elif verdict.action == "pause":
-            await self._pause(rollout, JUDGE, verdict.reason, checks)
-        elif verdict.action == "advance":
-            await self._advance(rollout, verdict.reason, checks)
+        verdict = rollout.look(await self._merged_windows(rollout.model, live.windows))
+        assert rollout.judgement is not None
+        await self._carry_out(rollout, verdict.action, JUDGE, verdict.reason)
         return verdict
+
+    async def apply_judgement(self, name: str, document: object, actor: str) -> dict[str, Any]:
+        """A fleet judge's decision on a rollout it judges (see `fleet`): `step` (the
+        1-based step it judged, so that a decision about a step the rollout has left is
+        refused), `action` (advance, rollback, pause or resume), `reason` and `checks`.
+        Applied and audited here once; the other replicas follow the desired state."""
+        step, action, reason, checks = _judgement(document)
+        async with self.change():
+            rollout = self.rollouts.get(name)
+            if rollout is None:
+                raise NotFound(f"model '{name}' has no rollout")
+            if rollout.judge != FLEET:
+                raise Conflict(f"the rollout of model '{name}' is judged by its server")
+            if rollout.finished:
+                raise Conflict(f"the rollout of model '{name}' is already {rollout.status}")
+            if step != rollout.step + 1:
+                raise Conflict(
+                    f"the judgement is of step {step}; the rollout of model '{name}' "
+                    f"is at step {rollout.step + 1}"
+                )
+            if (action == "resume") != (rollout.status == PAUSED):
+                raise Conflict(f"the rollout of model '{name}' is {rollout.status}: no {action}")
+            rollout.judgement = {"time": time.time(), "action": action, "reason": reason}
+            rollout.judgement["checks"] = checks
+            await self._carry_out(rollout, action, f"{FLEET_JUDGE} ({actor})", reason)
+            return self.rollout_status(name)
+
+    async def fleet_view(self, name: str) -> dict[str, Any]:
+        """What a fleet judge reads of this replica each look: the generation it serves,
+        the model's policy and rollout, and its step windows (all workers', as additive
+        state: see `StepWindows.to_state`)."""
+        self.registry.resolve(name)  # NotFound for a model that does not serve
+        async with self._lock:
+            rollout = self.rollouts.get(name)
+            windows = await self._whole_windows(name)
+            return {
+                "model_name": name,
+                "generation": self.reconciler.generation,
+                "policy": self.traffic.policy(name).to_json(),
+                "rollout": None if rollout is None else rollout.to_json(),
+                "windows": None if windows is None else windows.to_state(),
+            }
+
+    def applied_state(self) -> dict[str, Any]:
+        """The desired state as this process applied it, with its generation."""
+        return {"generation": self.reconciler.generation, "state": self.snapshot()}
 
     # -- transitions (called with the lock held) -------------------------------------
 
@@ -344,14 +364,27 @@ class ControlPlane:
         details = _versions(rollout) if checks is None else {**_versions(rollout), "checks": checks}
         await self._commit(actor, f"rollout.{action}", rollout.model, status, reason, **details)
 
-    async def _advance(self, rollout: Rollout, reason: str, checks: list[Any]) -> None:
+    async def _carry_out(self, rollout: Rollout, action: str, actor: str, reason: str) -> None:
+        """A judge's action (a hold changes nothing), audited with its checks."""
+        assert rollout.judgement is not None
+        checks = rollout.judgement["checks"]
+        if action == "rollback":
+            await self._roll_back(rollout, actor, reason, checks)
+        elif action == "pause":
+            await self._pause(rollout, actor, reason, checks)
+        elif action == "advance":
+            await self._advance(rollout, actor, reason, checks)
+        elif action == "resume":
+            await self._resume(rollout, actor, reason)
+
+    async def _advance(self, rollout: Rollout, actor: str, reason: str, checks: list[Any]) -> None:
         if rollout.step + 2 >= len(rollout.config.steps):
-            await self._promote(rollout, JUDGE, reason, checks)
+            await self._promote(rollout, actor, reason, checks)
             return
         rollout.step += 1
         rollout.step_started = time.time()
         self._route(rollout)
-        await self._transition(rollout, RUNNING, "advance", JUDGE, reason, checks)
+        await self._transition(rollout, RUNNING, "advance", actor, reason, checks)
 
     async def _promote(
         self, rollout: Rollout, actor: str, reason: str, checks: list[Any] | None = None
@@ -377,6 +410,11 @@ class ControlPlane:
         if rollout.status == PAUSED:
             raise Conflict(f"the rollout of model '{rollout.model}' is already paused")
         await self._transition(rollout, PAUSED, "pause", actor, reason, checks)
+
+    async def _resume(self, rollout: Rollout, actor: str, reason: str) -> None:
+        self._route(rollout)
+        self.traffic.new_window(rollout.model)  # what was seen while paused is not judged
+        await self._transition(rollout, RUNNING, "resume", actor, reason)
 
     def _route(self, rollout: Rollout) -> None:
         """Applies the rollout's current step to the live routing."""
@@ -498,8 +536,9 @@ class ControlPlane:
             return self.reconciler.generation
 
     async def follow_forever(self) -> None:
-        """Catches up with changes no worker told this one about (it was starting, or
-        the call was lost), until cancelled."""
+        """Catches up with changes nobody told this process about (made by a replica
+        sharing the state directory, or by a worker while this one was starting, or a
+        lost call), until cancelled."""
         seen: tuple[int, int, int] | None = None
         while True:
             await asyncio.sleep(FOLLOW_S)
@@ -595,6 +634,24 @@ class ControlPlane:
             except TidegateError as exc:
                 log.error("model %s not restored: %s", name, exc.message)
                 await self.record("control", "restore", name, "failed", exc.message)
+
+
+def _judgement(document: object) -> tuple[int, str, str, list[Any]]:
+    """A fleet judge's decision: (step, action, reason, checks); BadRequest naming the
+    field that is missing or wrong."""
+    if not isinstance(document, dict):
+        raise BadRequest("the judgement must be a JSON object")
+    step, action = document.get("step"), document.get("action")
+    reason, checks = document.get("reason", ""), document.get("checks", [])
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise BadRequest("'step' (the 1-based step judged) must be a whole number from 1")
+    if action not in FLEET_ACTIONS:
+        raise BadRequest(f"'action' must be one of {', '.join(FLEET_ACTIONS)}, not {action!r}")
+    if not isinstance(reason, str):
+        raise BadRequest("'reason' must be a string")
+    if not isinstance(checks, list) or not all(isinstance(c, dict) for c in checks):
+        raise BadRequest("'checks' must be a list of objects")
+    return step, action, reason, checks
 
 
 def _versions(rollout: Rollout) -> dict[str, Any]:

@@ -33,9 +33,12 @@ class ControlApi:
         model = "/v2/models/{model}"
         return [
             Route(f"{model}/traffic", self.traffic, methods=["GET", "PUT"]),
+            Route(f"{model}/traffic/state", self.fleet_view, methods=["GET"]),
             Route(f"{model}/rollout", self.rollout, methods=["GET", "POST"]),
+            Route(f"{model}/rollout/judgement", self.judgement, methods=["POST"]),
             Route(f"{model}/rollout/{{action}}", self.rollout_action, methods=["POST"]),
             Route("/v2/audit", self.audit, methods=["GET"]),
+            Route("/v2/state", self.applied_state, methods=["GET"]),
         ]
 
     async def traffic(self, request: Request) -> Response:
@@ -59,6 +62,20 @@ class ControlApi:
         await read_json_object(request, self.max_body)  # an empty body, or {}
         name = request.path_params["model"]
         return json_response(await self.control.act(name, action, actor_of(request)))
+
+    async def fleet_view(self, request: Request) -> Response:
+        """What a fleet judge reads of this replica (see `ControlPlane.fleet_view`)."""
+        return json_response(await self.control.fleet_view(request.path_params["model"]))
+
+    async def judgement(self, request: Request) -> Response:
+        """A fleet judge's decision on the model's rollout (see `ControlPlane.apply_judgement`)."""
+        document = await read_json_object(request, self.max_body)
+        name = request.path_params["model"]
+        return json_response(await self.control.apply_judgement(name, document, actor_of(request)))
+
+    async def applied_state(self, request: Request) -> Response:
+        """The desired state this process serves, and its generation."""
+        return json_response(self.control.applied_state())
 
     async def audit(self, request: Request) -> Response:
         """The audit log's last entries (`?limit=N`, default and most 1000), oldest

@@ -27,6 +27,7 @@ Pure: no I/O and no clock of its own; time comes in as an argument. The caller
 serialises updates and reads (see `observer`).
 """
 
+import hashlib
 import math
 import threading
 from collections.abc import Sequence
@@ -504,6 +505,8 @@ class DriftMonitor:
         self.outputs = outputs
         self._output_specs = output_specs
         self.source = "served"
+        # Names the reference's bins: states merge (workers, replicas) only under one.
+        self.reference_digest: str | None = None
         self.input_profile: Profile | None = None
         self.output_profile: Profile | None = None
         self.classes: list[ClassOutput] = []
@@ -560,9 +563,20 @@ class DriftMonitor:
             and (output := ClassOutput.for_output(spec, outputs[spec.name])) is not None
         ]
         self.source = source
+        self.reference_digest = self._digest()
         self._collected.clear()
         self._epoch = self._empty_windows()
         self._decayed = self._empty_windows()
+
+    def _digest(self) -> str:
+        """A digest of the bin edges and class labels: equal references, equal digests."""
+        digest = hashlib.sha256()
+        for profile in (self.input_profile, self.output_profile):
+            if profile is not None:
+                digest.update(np.ascontiguousarray(profile.edges, dtype=np.float64).tobytes())
+        for output in self.classes:
+            digest.update(repr((output.key, output.reference.labels)).encode())
+        return digest.hexdigest()[:16]
 
     def _empty_windows(self) -> dict[str, Any]:
         windows: dict[str, Any] = {}

@@ -108,6 +108,7 @@ class Deployment:
         return {
             "model_name": self.name,
             "model_version": self.version_label,
+            "reference": {"source": self.drift.source, "digest": self.drift.reference_digest},
             "inputs": list(self.drift.inputs.names),
             "outputs": list(self.drift.outputs.names),
             "dropped_batches": dropped + sum(other["dropped_batches"] for other in others),

@@ -5,6 +5,11 @@ A rollout walks a canary through the weights of `RolloutConfig.steps`. Its statu
 or one of the two ends, `promoted` and `rolled_back`. Everything here is plain
 data, persisted in the state file, so that a restarted server resumes the rollout
 at the same step and weight (`ControlPlane` does the acting).
+
+Its judge is the server's own (`SERVER`: one process of the server looks at the
+windows of all its workers) or a fleet's (`FLEET`: `tidegate fleet rollout` looks at
+the windows of every replica sharing the desired state, and the servers leave it be).
+Both decide with `Rollout.look`.
 """
 
 import dataclasses
@@ -13,10 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate.config import RolloutConfig
-from tidegate.judge import Thresholds
+from tidegate.judge import Judgement, Thresholds, judge
+from tidegate.step_windows import StepWindows
 
 RUNNING, PAUSED, PROMOTED, ROLLED_BACK = "running", "paused", "promoted", "rolled_back"
 STATUSES = (RUNNING, PAUSED, PROMOTED, ROLLED_BACK)
+SERVER, FLEET = "server", "fleet"  # who judges the rollout (see the module doc)
+JUDGES = (SERVER, FLEET)
 HISTORY_LIMIT = 100  # transitions kept in the state (the audit log keeps them all)
 
 
@@ -35,6 +43,7 @@ class Rollout:
     ready_looks: int = 0  # looks of the judge since the current step became ready
     judgement: dict[str, Any] | None = None  # the judge's last look
     history: list[dict[str, Any]] = field(default_factory=list)
+    judge: str = SERVER
 
     @property
     def weight(self) -> float:
@@ -82,6 +91,31 @@ class Rollout:
         )
         del self.history[:-HISTORY_LIMIT]
 
+    def look(self, windows: StepWindows, now: float | None = None) -> Judgement:
+        """One look of the judge at the current step's `windows` (every worker's, or
+        every replica's): the verdict, also kept as `judgement`. A look at a step that
+        has its minimum rows and dwell counts as one of its ready looks."""
+        config = self.config
+        dwell = self.seconds_in_step(now)
+        ready = windows.canary.requests >= config.min_rows and dwell >= config.min_dwell_s
+        if ready:
+            self.ready_looks += 1
+        verdict = judge(
+            windows.stable,
+            windows.canary,
+            split_stable=windows.split_stable,
+            split_canary=windows.split_canary,
+            weight=self.weight,
+            shadow=windows.shadow,
+            thresholds=self.thresholds,
+            alpha_step=self.alpha_step,
+            ready=ready,
+            expired=dwell >= config.max_dwell_s,
+            ready_look=max(self.ready_looks, 1),
+        )
+        self.judgement = {"time": time.time(), **verdict.to_dict()}
+        return verdict
+
     def to_json(self) -> dict[str, Any]:
         document = dataclasses.asdict(self)
         document["config"]["steps"] = list(self.config.steps)
@@ -97,4 +131,6 @@ class Rollout:
             raise ValueError(f"step {rollout.step} is not one of the rollout's steps")
         if rollout.status not in STATUSES:
             raise ValueError(f"unknown rollout status {rollout.status!r}")
+        if rollout.judge not in JUDGES:
+            raise ValueError(f"unknown judge {rollout.judge!r}")
         return rollout

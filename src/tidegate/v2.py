@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from tidegate import __version__
 from tidegate.control import ControlPlane
-from tidegate.errors import BadRequest
+from tidegate.errors import BadRequest, NotFound
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import receive_body
 from tidegate.peers import Peers
@@ -189,6 +189,35 @@ class DataPlane:
             others = await self._other_drift_states(deployment)
             reports.append(await asyncio.to_thread(deployment.drift_report, others))
         return json_response({"model_name": name, "versions": reports})
+
+    async def fleet_drift(self, request: Request) -> Response:
+        """`POST` to a version's drift: its report over this server's traffic plus
+        `states`, other servers' drift states of the same version (`GET .../drift/state`
+        from each replica of a fleet: `tidegate fleet drift`). BadRequest names a state
+        that does not merge: another reference (its bins differ), or a malformed one."""
+        deployment = self._resolve(request)
+        states = (await read_json_object(request, self.max_body)).get("states")
+        if not isinstance(states, list) or not all(isinstance(s, dict) for s in states):
+            raise BadRequest("'states' must be a list of drift states (GET .../drift/state)")
+        if deployment.drift is None or not deployment.drift.ready:
+            raise NotFound(
+                f"model '{deployment.name}' version {deployment.version} has no drift state"
+            )
+        digest = deployment.drift.reference_digest
+        for index, state in enumerate(states):
+            reference = state.get("reference")
+            if not isinstance(reference, dict) or reference.get("digest") != digest:
+                raise BadRequest(
+                    f"states[{index}] was counted against another reference than this "
+                    f"server's ({digest}): drift states merge only over the same reference "
+                    "bins (give the version a reference.npz)"
+                )
+        others = [*await self._other_drift_states(deployment), *states]
+        try:
+            report = await asyncio.to_thread(deployment.drift_report, others)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadRequest(f"'states' do not merge with this version's: {exc!r}") from exc
+        return json_response(report)
 
     async def drift_state(self, request: Request) -> Response:
         """A version's raw drift state (sums and counts), for merging elsewhere: the
