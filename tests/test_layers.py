@@ -76,6 +76,7 @@ LAYERS = {
         "control_api",
         "access",
         "internal",
+        "dashboard",
         "grpc_server",
         "fleet",
     },
@@ -94,7 +95,7 @@ LAYERS = {
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
 OWNERS = {
     "onnxruntime": {"runtime"},
-    "starlette": {"v2", "app", "control_api", "internal"},
+    "starlette": {"v2", "app", "control_api", "internal", "dashboard"},
     # The workers' calls to each other over their private sockets.
     "httpx": {"peers"},
     "uvicorn": {"server", "connection"},

@@ -9,6 +9,10 @@ Which role an endpoint needs (see `auth.Role`):
   statistics, drift, the repository index, traffic and rollout status, `/metrics`.
   Unknown paths too, so that a caller without a token learns nothing about routes.
 
+The dashboard's page and its scripts (`GET /dashboard`, `/dashboard/static/...`)
+need no token: they hold no data, and a browser opening the page cannot send one. The
+page asks for a token, and its reads (`/dashboard/api/...`) need the reader role.
+
 A request that passes carries its token's name in its scope (`ACTOR_KEY`): the actor
 of the audit log's entries. One that does not gets 401 (no token, or an unknown one,
 with `WWW-Authenticate: Bearer`) or 403 (a token without the role), in the V2 error
@@ -21,6 +25,14 @@ from tidegate.infer import ASGIApp, Receive, Scope, Send, error_parts, respond
 from tidegate.v2 import ACTOR_KEY
 
 _CHANGES = ("POST", "PUT", "PATCH", "DELETE")
+_DASHBOARD_FILES = ("/dashboard", "/dashboard/")
+
+
+def public(method: str, path: str) -> bool:
+    """The dashboard's page and static files: no data, no token needed."""
+    if method not in ("GET", "HEAD"):
+        return False
+    return path in _DASHBOARD_FILES or path.startswith("/dashboard/static/")
 
 
 def required_role(method: str, path: str) -> Role:
@@ -54,6 +66,9 @@ class AccessGate:
                 authorization = value.decode("latin-1")
                 break
         method, path = scope["method"], scope["path"]
+        if public(method, path):
+            await self.app(scope, receive, send)
+            return
         try:
             principal = self.auth.authorize(
                 authorization, required_role(method, path), f"{method} {path}"

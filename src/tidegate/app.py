@@ -18,6 +18,7 @@ from tidegate.canary import Traffic
 from tidegate.config import ServerConfig
 from tidegate.control import ControlPlane
 from tidegate.control_api import ControlApi
+from tidegate.dashboard import Dashboard
 from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import ASGIApp, InferRouter, error_parts
@@ -205,6 +206,7 @@ def create_app(config: ServerConfig) -> ASGIApp:
             *ControlApi(control, config.max_body_bytes).routes(),
             *InternalApi(control, traffic, config.max_body_bytes, own_metrics).routes(),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            *Dashboard(control, auth).routes(),
         ],
         lifespan=lifespan,
         exception_handlers={

@@ -443,6 +443,13 @@ def feature_report(
                 "min": _safe(window.vmin[f]),
                 "max": _safe(window.vmax[f]),
                 "verdict": _gated(float(psis[f]), p_value, rows[f], tests, profile.bins, config),
+                # What the statistics above compare, for a picture (the dashboard's):
+                # the inner bin edges, and each bin's share of reference and window.
+                "bins": {
+                    "edges": profile.edges[f].tolist(),
+                    "reference": (reference.counts[f] / max(ref_rows[f], 1.0)).tolist(),
+                    "window": (window.counts[f] / max(rows[f], 1.0)).tolist(),
+                },
             }
         )
     return report
