@@ -224,10 +224,10 @@ def _send_drifted(live: LiveServer) -> None:
         response = live.client.post("/v2/models/breast_cancer/versions/1/infer", json=body)
         assert response.status_code == 200, response.text
     deadline = time.monotonic() + 30
-    path = "/v2/models/breast_cancer/versions/1/drift"
-    while (report := live.client.get(path).json()).get("summary", {}).get("window_rows", 0) < len(
-        shifted
-    ):
+    while True:
+        report = live.client.get("/v2/models/breast_cancer/versions/1/drift").json()
+        if report.get("state") == "ready" and report["summary"]["window_rows"] >= len(shifted):
+            return
         assert time.monotonic() < deadline, report
         time.sleep(0.1)
 
