@@ -37,8 +37,9 @@ class LiveServer:
         log_path: Path,
         probe_token: str | None = None,
         env: Mapping[str, str] | None = None,
+        port: int | None = None,
     ) -> None:
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"127.0.0.1:{self.port}"
         self.base = f"http://{self.url}"
         self.log_path = log_path
@@ -149,9 +150,12 @@ def start_server(tmp_path: Path) -> Iterator[type[LiveServer]]:
         *extra: str,
         probe_token: str | None = None,
         env: Mapping[str, str] | None = None,
+        port: int | None = None,
     ) -> LiveServer:
         log_path = tmp_path / f"server{len(started)}.log"
-        live = LiveServer(repository, *extra, log_path=log_path, probe_token=probe_token, env=env)
+        live = LiveServer(
+            repository, *extra, log_path=log_path, probe_token=probe_token, env=env, port=port
+        )
         started.append(live)
         return live
 

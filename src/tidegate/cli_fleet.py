@@ -195,9 +195,7 @@ def rollout(
     options = rollout_request(version, steps, shadow, settings)
     with _fleet(replicas, token) as fleet_:
         if version is not None:
-            first = fleet_.clients()[0]
-            started = first.start_rollout(model, version, judge="fleet", **options)
-            fleet_.wait_for(first.applied_state()["generation"])
+            started = fleet_.clients()[0].start_rollout(model, version, judge="fleet", **options)
             click.echo(f"started: {status_line(started)}", err=as_json)
         judge = FleetJudge(fleet_, model)
         while True:

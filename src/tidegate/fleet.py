@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from tidegate.client import ClientError, ControlClient, ServerError
+from tidegate.client import ClientError, ControlClient, ServerError, Unreachable
 from tidegate.rollout import FLEET, PAUSED, RUNNING, Rollout
 from tidegate.step_windows import StepWindows
 
@@ -156,12 +156,10 @@ class Fleet:
             model, version, [state for url, state in states.items() if url != first.url]
         )
 
-    def wait_for(self, generation: int, limit_s: float = CATCH_UP_S) -> None:
-        """Returns once every replica serves `generation` or a later one.
-
-        Raises:
-            Incomplete: naming the replicas still behind after `limit_s`, or unreachable.
-        """
+    def wait_for(self, generation: int, limit_s: float = CATCH_UP_S) -> dict[str, str]:
+        """Waits until every replica serves `generation` or a later one; returns those
+        that do not ({url: why}, empty when all do): at once for a replica that does
+        not answer, after `limit_s` for one that stays behind."""
         deadline = time.monotonic() + limit_s
         while True:
             answers, failures = self.gather(lambda client: client.applied_state()["generation"])
@@ -170,10 +168,8 @@ class Fleet:
                 for url, applied in answers.items()
                 if applied < generation
             }
-            if not behind and not failures:
-                return
-            if time.monotonic() >= deadline:
-                raise Incomplete({**failures, **behind})
+            if failures or not behind or time.monotonic() >= deadline:
+                return {**failures, **behind}
             time.sleep(0.1)
 
 
@@ -253,22 +249,24 @@ class FleetJudge:
         windows: StepWindows | None = None,
     ) -> Look:
         """Posts the decision to one replica that answers, then waits until every
-        replica serves the generation that holds it (a pause for an incomplete fleet
-        waits for none: some replicas cannot answer)."""
+        replica serves the generation that holds it, or one does not answer."""
         answers, failures = self.fleet.gather(lambda client: client.applied_state())
         for url in answers:
             client = ControlClient(url, timeout=self.fleet.timeout, token=self.fleet.token)
             try:
                 status = client.judgement(self.model, rollout.step + 1, action, reason, checks)
+                # The next look judges only once every replica serves the decision.
+                self.fleet.wait_for(client.applied_state()["generation"])
+            except Unreachable:
+                continue  # gone since it answered: the next one
             except ServerError as exc:
                 if exc.status != 409:
                     raise
                 # The rollout moved on since the look (an operator acted): look again.
                 return Look(rollout.status, "wait", exc.message, _summary(rollout), windows)
-            if not failures:
-                self.fleet.wait_for(client.applied_state()["generation"])
             return Look(status["status"], action, reason, status, windows)
-        raise Incomplete(failures)
+        why = f"no replica answers to take the decision ({action}): {Incomplete(failures)}"
+        return Look(rollout.status, "wait", why, _summary(rollout), windows)
 
 
 def _summary(rollout: Rollout) -> dict[str, Any]:
