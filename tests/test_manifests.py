@@ -181,10 +181,7 @@ def _kserve_problems(document: Manifest) -> list[str]:
 
 @pytest.mark.parametrize(("name", "document"), KSERVE, ids=[name for name, _ in KSERVE])
 def test_kserve_manifests_match_the_crd_schemas(name: str, document: Manifest):
-    if document["kind"] == "Secret":
-        assert _core_problems(document, KUBERNETES_VERSIONS[0]) == []
-    else:
-        assert _kserve_problems(document) == []
+    assert _kserve_problems(document) == []
 
 
 @pytest.mark.parametrize(
