@@ -17,14 +17,18 @@ Two measurements:
   requests counted by the server (its `/stats`, read at both ends of every slice, open
   or closed). Short paired slices, because the throughput of a shared 2-core machine
   wanders by more than the cost between runs of a few seconds. Printed: the medians,
-  the median of the pairs' open/closed ratios against the target (at most 2 % cost).
+  the median of the pairs' open/closed ratios against the target (at most 2 % cost),
+  and the same for the server's CPU time per request in each slice (from /proc), which
+  wanders less than req/s when other programs take the cores.
 - CPU. The server's own CPU time (user + system from /proc, workers included) over
-  `--idle` seconds with no traffic, dashboard closed, then open: the CPU seconds a
-  second the reads take, i.e. the share of throughput they take from a server that
-  keeps a core busy, measured where nothing else competes.
+  `--idle` seconds with no traffic, dashboard closed, then open; and, more precisely,
+  over `--polls` seconds' worth of the page's reads sent back to back: the server CPU
+  one second of an open page takes, i.e. the share of throughput it takes from a
+  server that keeps a core busy, measured where nothing else competes.
 
     .venv/bin/python benchmarks/bench_dashboard.py [--pairs 10] [--slice 2]
-        [--concurrency 16] [--workers 1] [--idle 10] [--browser] [--json FILE]
+        [--concurrency 16] [--workers 1] [--idle 10] [--browser]
+        [--reads summary,drift] [--polls 200] [--json FILE]
 """
 
 import argparse
@@ -132,23 +136,42 @@ def idle_cpu(pid: int, seconds: float, poller: "Poller | None") -> float:
     return (cpu_seconds(pid) - cpu) / (time.monotonic() - started)
 
 
+def cpu_per_poll_ms(pid: int, base: str, reads: tuple[str, ...], polls: int) -> float:
+    """The server's CPU milliseconds for one second's reads of the page, from `polls` of
+    them back to back on the idle server (enough CPU to measure in clock ticks)."""
+    poller = Poller(base, reads)
+    with httpx.Client(base_url=base, timeout=30) as client:
+        client.get("/v2/health/ready")
+        cpu = cpu_seconds(pid)
+        for _ in range(polls):
+            for name in reads:
+                client.get(poller.paths[name]).raise_for_status()
+        return (cpu_seconds(pid) - cpu) / polls * 1000
+
+
 class Poller:
     """What the page does each second with the drift view open: the summary, then the
     drift report of the version shown. Keeps how long each pair of reads took."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, reads: tuple[str, ...] = ("summary", "drift")) -> None:
         self.base = base
+        self.reads = reads
+        self.paths = {
+            "summary": "/dashboard/api/summary",
+            "drift": f"/v2/models/{MODEL}/versions/{VERSION}/drift",
+            "health": "/v2/health/ready",  # a control: a read that costs next to nothing
+        }
         self.took_ms: list[float] = []
-        self.reads_ms: dict[str, list[float]] = {"summary": [], "drift": []}
+        self.reads_ms: dict[str, list[float]] = {name: [] for name in reads}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        drift = f"/v2/models/{MODEL}/versions/{VERSION}/drift"
+        paths = self.paths
         with httpx.Client(base_url=self.base, timeout=30) as client:
             while not self._stop.is_set():
                 started = time.monotonic()
-                for name, path in (("summary", "/dashboard/api/summary"), ("drift", drift)):
+                for name, path in ((name, paths[name]) for name in self.reads):
                     read_started = time.monotonic()
                     client.get(path).raise_for_status()
                     self.reads_ms[name].append((time.monotonic() - read_started) * 1000)
@@ -165,33 +188,44 @@ class Poller:
         self._thread.join(30)
 
 
-@contextmanager
-def browser_page(base: str) -> Iterator[None]:
-    """The real dashboard, drift view on the version under load, in headless Chromium
-    (the operating system's)."""
-    from playwright.sync_api import sync_playwright
+class BrowserDashboard:
+    """The real dashboard in headless Chromium (the operating system's), launched once:
+    opened on the drift view of the version under load, closed (about:blank) between."""
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium")
-        page = browser.new_page()
-        page.goto(f"{base}/dashboard#drift")
-        page.wait_for_selector("#drift-version option")
+    def __init__(self, base: str) -> None:
+        from playwright.sync_api import sync_playwright
+
+        self.base = base
+        self._playwright = sync_playwright().start()
+        self._browser = self._playwright.chromium.launch(executable_path="/usr/bin/chromium")
+        self._page = self._browser.new_page()
+
+    @contextmanager
+    def shown(self) -> Iterator[None]:
+        page = self._page
+        page.goto(f"{self.base}/dashboard#drift")
+        page.wait_for_selector("#drift-version option", state="attached")
         page.select_option("#drift-version", f"{MODEL}/{VERSION}")
-        page.wait_for_selector("#drift-table tbody tr")
         try:
             yield
         finally:
-            browser.close()
+            page.goto("about:blank")
+
+    def close(self) -> None:
+        self._browser.close()
+        self._playwright.stop()
 
 
 @contextmanager
-def dashboard(base: str, browser: bool, took: list[float]) -> Iterator[None]:
-    """The dashboard open for the block: the poller, or the real page."""
-    if browser:
-        with browser_page(base):
+def dashboard(
+    browser: BrowserDashboard | None, base: str, reads: tuple[str, ...], took: list[float]
+) -> Iterator[None]:
+    """The dashboard open for the block: the real page, or the poller."""
+    if browser is not None:
+        with browser.shown():
             yield
         return
-    poller = Poller(base)
+    poller = Poller(base, reads)
     with poller:
         yield
     took += poller.took_ms
@@ -211,9 +245,16 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of each CPU reading")
+    parser.add_argument("--polls", type=int, default=200, help="back-to-back polls timed")
     parser.add_argument("--browser", action="store_true", help="the real page in Chromium")
+    parser.add_argument(
+        "--reads",
+        default="summary,drift",
+        help="what the poller reads each second: summary, drift, health (a control)",
+    )
     parser.add_argument("--json", type=Path, help="write every number to this file")
     args = parser.parse_args()
+    reads = tuple(args.reads.split(","))
 
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     print(f"# {machine}; load average at start {os.getloadavg()[0]:.2f} (a shared machine)")
@@ -226,34 +267,40 @@ def main() -> None:
             quiet = idle_cpu(pid, args.idle, None)
             probe = Poller(base)
             watched = idle_cpu(pid, args.idle, probe)
+            per_poll = cpu_per_poll_ms(pid, base, reads, args.polls)
             total = 3.0 + 2 * args.pairs * args.slice + 2.0  # warm-up, slices, spare
+            browser = BrowserDashboard(base) if args.browser else None
             bench = start_load(base, args.concurrency, total, root / "load.json")
             with httpx.Client(base_url=base, timeout=30) as client:
                 time.sleep(3.0)  # the load's warm-up, not measured
                 for pair in range(args.pairs):
                     order = ["closed", "open"] if pair % 2 == 0 else ["open", "closed"]
                     for state in order:
-                        count, started = served(client), time.monotonic()
+                        count, started, cpu = served(client), time.monotonic(), cpu_seconds(pid)
                         if state == "open":
-                            with dashboard(base, args.browser, took):
+                            with dashboard(browser, base, reads, took):
                                 time.sleep(args.slice)
                         else:
                             time.sleep(args.slice)
-                        rps = (served(client) - count) / (time.monotonic() - started)
-                        slices.append({"pair": pair, "dashboard": state, "requests_per_s": rps})
-                        print(f"# pair {pair} {state}: {rps:,.0f} req/s", file=sys.stderr)
+                        done = served(client) - count
+                        rps = done / (time.monotonic() - started)
+                        us = (cpu_seconds(pid) - cpu) / max(done, 1) * 1e6
+                        row = {"pair": pair, "dashboard": state, "requests_per_s": rps}
+                        slices.append(row | {"cpu_us": us})
+                        print(
+                            f"# pair {pair} {state}: {rps:,.0f} req/s, {us:.0f} us CPU/req",
+                            file=sys.stderr,
+                        )
+            if browser is not None:
+                browser.close()
             if bench.wait() != 0:
                 raise RuntimeError("tidegate bench failed")
             level = json.loads((root / "load.json").read_text())["levels"][0]
             if level["errors"]:
                 raise RuntimeError(f"{level['errors']} requests failed")
 
-    def rps(pair: int, state: str) -> float:
-        return float(
-            next(
-                s["requests_per_s"] for s in slices if s["pair"] == pair and s["dashboard"] == state
-            )
-        )
+    def rps(pair: int, state: str, key: str = "requests_per_s") -> float:
+        return float(next(s[key] for s in slices if s["pair"] == pair and s["dashboard"] == state))
 
     medians = {
         state: statistics.median(s["requests_per_s"] for s in slices if s["dashboard"] == state)
@@ -261,7 +308,7 @@ def main() -> None:
     }
     ratios = [rps(pair, "open") / rps(pair, "closed") for pair in range(args.pairs)]
     ratio = statistics.median(ratios)
-    reader = "headless Chromium" if args.browser else "a poller doing what the page does"
+    reader = "headless Chromium" if args.browser else f"a poller reading {'+'.join(reads)}"
     print(
         f"tidegate serve --workers {args.workers}, {MODEL}, tidegate bench closed loop "
         f"c={args.concurrency}; {args.pairs} pairs of {args.slice:g} s slices; dashboard open "
@@ -273,6 +320,14 @@ def main() -> None:
     spread += f"range {min(ratios):.3f}-{max(ratios):.3f}"
     print(f"open/closed, median of the pairs: {ratio:.3f} ({spread})")
     print(f"open/closed, ratio of the medians: {medians['open'] / medians['closed']:.3f}")
+    cpu_ratios = [rps(p, "open", "cpu_us") / rps(p, "closed", "cpu_us") for p in range(args.pairs)]
+    cpu_quartiles = statistics.quantiles(cpu_ratios, n=4)
+    closed_us = statistics.median(s["cpu_us"] for s in slices if s["dashboard"] == "closed")
+    print(
+        f"server CPU per request, open/closed, median of the pairs: "
+        f"{statistics.median(cpu_ratios):.3f} (quartiles {cpu_quartiles[0]:.3f}-"
+        f"{cpu_quartiles[2]:.3f}; closed {closed_us:.0f} us)"
+    )
     verdict = "met" if 1 - ratio <= TARGET_COST else "missed"
     print(f"cost of an open dashboard: {1 - ratio:+.1%} of throughput (target <= 2 %: {verdict})")
     print(
@@ -284,14 +339,20 @@ def main() -> None:
             f"the page's reads each second under load (summary + drift report): median "
             f"{statistics.median(took):.1f} ms, max {max(took):.1f} ms"
         )
-    reads = ", ".join(f"{k} {statistics.median(v):.1f} ms" for k, v in probe.reads_ms.items())
+    read_times = ", ".join(f"{k} {statistics.median(v):.1f} ms" for k, v in probe.reads_ms.items())
     print(
         f"server CPU with no traffic, {args.idle:g} s each: {quiet:.4f} s/s closed, "
         f"{watched:.4f} s/s open: the dashboard takes {watched - quiet:.2%} of a core "
-        f"(reads, median: {reads})"
+        f"(reads, median: {read_times})"
+    )
+    print(
+        f"server CPU per second's reads ({'+'.join(reads)}), {args.polls} back to back on the "
+        f"idle server: {per_poll:.2f} ms, i.e. {per_poll / 10:.2f} % of a core with the page "
+        f"open (the cost to a server that keeps one core busy)"
     )
     if args.json:
         document = {"machine": machine, "slices": slices, "ratios": ratios, "load": level}
+        document |= {"cpu_ratios": cpu_ratios, "cpu_per_poll_ms": per_poll}
         document |= {"idle_cpu": {"closed": quiet, "open": watched}, "reads_ms": took}
         args.json.write_text(json.dumps(document))
 

@@ -68,7 +68,8 @@ export function lineChart(series, { now, span = 300, width = 420, height = 140, 
 
 // Grouped bars: groups [{label, values: [v per series]}], series [{name, color}].
 export function barChart(groups, series, { width = 420, height = 170, percent = false, fixed = false } = {}) {
-  const left = 40, right = 6, top = 18, bottom = 30;
+  // A fixed-size chart is a small one (in a table): no y labels and no legend.
+  const left = fixed ? 4 : 40, right = 6, top = fixed ? 4 : 18, bottom = fixed ? 14 : 30;
   const plotW = width - left - right, plotH = height - top - bottom;
   const yMax = niceMax(Math.max(0, ...groups.flatMap((g) => g.values)));
   const band = plotW / Math.max(groups.length, 1);
@@ -79,7 +80,7 @@ export function barChart(groups, series, { width = 420, height = 170, percent = 
   for (const fraction of [0, 0.5, 1]) {
     const value = yMax * fraction;
     root.append(svg("line", { class: "axis", x1: left, x2: width - right, y1: y(value), y2: y(value) }));
-    root.append(text(left - 4, y(value) + 3, percent ? `${format(value * 100, 2)}%` : format(value), "end"));
+    if (!fixed) root.append(text(left - 4, y(value) + 3, percent ? `${format(value * 100, 2)}%` : format(value), "end"));
   }
   groups.forEach((group, g) => {
     group.values.forEach((value, s) => {
@@ -92,6 +93,7 @@ export function barChart(groups, series, { width = 420, height = 170, percent = 
     const every = Math.ceil(groups.length / 8);
     if (g % every === 0) root.append(text(left + g * band + band / 2, height - bottom + 12, group.label, "middle"));
   });
+  if (fixed) return root;
   series.forEach((s, i) => {
     root.append(svg("rect", { x: left + 8 + i * 90, y: 4, width: 8, height: 8, fill: s.color }));
     root.append(text(left + 20 + i * 90, 12, s.name));

@@ -236,7 +236,7 @@ function renderModels(summary) {
     const per = (value) => (window && window.seconds > 0 ? value / window.seconds : null);
     const sizes = Object.entries(now.runsBySize).sort((a, b) => Number(a[0]) - Number(b[0]));
     const sizeChart = sizes.length
-      ? barChart(sizes.map(([size, runs]) => ({ label: size, values: [runs] })), [{ name: "", color: COLORS.stable }], { width: 200, height: 60, fixed: true })
+      ? barChart(sizes.map(([size, runs]) => ({ label: size, values: [runs] })), [{ name: "runs", color: COLORS.stable }], { width: 200, height: 44, fixed: true })
       : "-";
     const failures = Object.values(v.stats.failures).reduce((a, b) => a + b, 0);
     return element("tr", { "data-model": v.model, "data-version": v.version },
