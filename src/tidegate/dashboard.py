@@ -7,7 +7,8 @@ and nothing fetched from elsewhere) polls once a second:
   request instead of one per model. A composition of existing reads, each already for
   the whole server under `--workers N`: the versions' statistics summed over the
   workers (`v2.server_stats`, as `/v2/models/stats`), every model's traffic status and
-  rollout status (`ControlPlane.read_traffic` / `read_rollout`, as their endpoints),
+  rollout status (`ControlPlane.read_traffic` / `read_rollout`, as their endpoints;
+  a running rollout's step window, every worker's, fetched once for both),
   and the worker count and restarts (`supervisor.read_status`, as `/metrics`). The
   statistics are cumulative counts and histograms; the page turns successive reads
   into rates and percentiles. Memory and load time are the answering worker's: each
@@ -141,6 +142,21 @@ class Dashboard:
         roles = [role.value for role in Role if principal.has(role)]
         return json_response({"name": principal.name, "access_control": True, "roles": roles})
 
+    async def _model(self, name: str) -> dict[str, Any]:
+        """A model's traffic status, and its rollout's if it has one. A running rollout's
+        status carries the step's window of every worker; the traffic status takes it
+        from there rather than asking the workers a second time."""
+        control = self.control
+        rollout = control.rollouts.get(name)
+        if rollout is None:
+            return {"traffic": await control.read_traffic(name)}
+        status = await control.read_rollout(name)
+        if "window" not in status:
+            return {"traffic": await control.read_traffic(name), "rollout": status}
+        traffic = control.traffic_status(name)
+        traffic["window"] = status["window"]
+        return {"traffic": traffic, "rollout": status}
+
     async def summary(self, request: Request) -> Response:
         control = self.control
         registry = control.registry
@@ -163,12 +179,9 @@ class Dashboard:
         models: dict[str, dict[str, Any]] = {}
         for name in sorted({d.name for d in deployments}):
             try:  # a model unloaded meanwhile is left out
-                model: dict[str, Any] = {"traffic": await control.read_traffic(name)}
-                if name in control.rollouts:
-                    model["rollout"] = await control.read_rollout(name)
+                models[name] = await self._model(name)
             except TidegateError:
                 continue
-            models[name] = model
         run_dir = control.peers.run_dir
         status = (1, {}) if run_dir is None else read_status(run_dir)
         workers, restarts = status if status is not None else (None, {})
