@@ -6,8 +6,10 @@ Each worker is also asked directly, over its private socket (found in its
 environment), so that "every worker" is checked, not "the workers the kernel
 happened to pick"."""
 
+import inspect
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,9 @@ import pytest
 from tests.conftest import LiveServer
 from tests.shipped import ShippedVersion, json_request, reference_rows
 from tests.test_rollout import FAST
+from tidegate.config import GRPC_GRACE_S, ServerConfig
+from tidegate.server import serve
+from tidegate.supervisor import Supervisor
 
 WINE = ShippedVersion("wine", 1)
 
@@ -428,3 +433,17 @@ def test_the_drift_report_counts_the_rows_of_every_worker(two: LiveServer):
         state = _fresh(two, "GET", "/v2/models/wine/versions/1/drift/state").json()
         counts = np.asarray(state["windows"]["inputs"]["counts"]).sum(axis=1)
         assert (counts == requests * rows).all()
+
+
+@pytest.mark.parametrize("grpc_port", [0, 8001])
+def test_the_supervisor_waits_out_a_workers_whole_drain(grpc_port: int):
+    """A worker told to stop drains HTTP (uvicorn's graceful timeout), then gRPC calls
+    when it serves gRPC: the supervisor must not kill it before both could finish."""
+    supervisor = Supervisor(ServerConfig(Path("models"), port=0, grpc_port=grpc_port), 2)
+    try:
+        http = inspect.signature(serve).parameters["graceful_timeout"].default
+        drain = http + (GRPC_GRACE_S if grpc_port else 0)
+        assert drain < supervisor.drain_limit_s() <= drain + 10
+    finally:
+        supervisor._reserved.close()
+        shutil.rmtree(supervisor.run_dir)

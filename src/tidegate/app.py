@@ -15,7 +15,7 @@ from starlette.routing import Route
 from tidegate.access import AccessGate
 from tidegate.auth import AuthFile
 from tidegate.canary import Traffic
-from tidegate.config import ServerConfig
+from tidegate.config import GRPC_GRACE_S, ServerConfig
 from tidegate.control import ControlPlane
 from tidegate.control_api import ControlApi
 from tidegate.dashboard import Dashboard
@@ -40,7 +40,6 @@ from tidegate.requestlog import RequestLog, RequestLogConfig
 from tidegate.v2 import DataPlane, json_response
 
 log = logging.getLogger("tidegate.app")
-GRPC_GRACE_S = 30.0  # seconds gRPC calls in flight get at shutdown
 
 
 async def _tidegate_error(request: Request, exc: Exception) -> Response:

@@ -28,6 +28,9 @@ DEFAULT_INLINE_BELOW_US = 50
 # long bearer tokens.
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_MAX_HEADERS = 100
+# Seconds gRPC calls in flight get at shutdown, after HTTP's drain (a supervisor waits
+# for both before it kills a worker).
+GRPC_GRACE_S = 30.0
 GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 EXECUTION_MODES = ("sequential", "parallel")
 

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tidegate.config import ServerConfig
+from tidegate.config import GRPC_GRACE_S, ServerConfig
 
 log = logging.getLogger("tidegate.supervisor")
 
@@ -198,13 +198,19 @@ class Supervisor:
         slot.process = subprocess.Popen([sys.executable, "-m", "tidegate.worker"], env=env)
         log.info("worker %s started (pid %d)", slot.name, slot.process.pid)
 
+    def drain_limit_s(self) -> float:
+        """How long a worker may take to stop once told: HTTP's drain, then gRPC's
+        when it serves gRPC, and 10 s more for its shutdown."""
+        grpc = GRPC_GRACE_S if self.config.grpc_port else 0.0
+        return float(self._options.get("graceful_timeout", 30)) + grpc + 10.0
+
     def _terminate(self) -> None:
         """SIGTERM to every worker, then waits for their drain (SIGKILL past it)."""
         running = [slot.process for slot in self._slots if slot.process is not None]
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self._options.get("graceful_timeout", 30) + 10
+        deadline = time.monotonic() + self.drain_limit_s()
         for process in running:
             try:
                 process.wait(max(0.0, deadline - time.monotonic()))
