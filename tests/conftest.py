@@ -7,12 +7,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+
+from tests.shipped import ShippedVersion, json_request, reference_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -111,6 +115,54 @@ def serving_a_copy(root: Path) -> Iterator[LiveServer]:
         yield live
     finally:
         live.stop()
+
+
+def answer_status(answer: httpx.Response | None) -> int:
+    """An answer's status; 0 when there was none."""
+    return 0 if answer is None else answer.status_code
+
+
+@contextlib.contextmanager
+def sending_wine(
+    servers: Sequence[LiveServer],
+    tally: Callable[[httpx.Response | None], object] = answer_status,
+    rows: np.ndarray | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Iterator[dict[object, int]]:
+    """Sends wine rows (its reference rows unless given), one unkeyed request each, to
+    `servers` in turn from a thread until the block ends; yields the count of answers by
+    `tally` (of each answer, None when a server did not answer): by status unless told."""
+    if rows is None:
+        rows = reference_rows(ShippedVersion("wine", 1), 1000)["input"]
+    bodies = [json_request("input", "FP32", rows[i : i + 1]) for i in range(len(rows))]
+    counts: dict[object, int] = {}
+    stop = threading.Event()
+
+    def send() -> None:
+        clients = [
+            httpx.Client(base_url=live.base, timeout=30, headers=headers) for live in servers
+        ]
+        sent = 0
+        while not stop.is_set():
+            body = bodies[sent % len(bodies)]
+            answer: httpx.Response | None
+            try:
+                answer = clients[sent % len(clients)].post("/v2/models/wine/infer", json=body)
+            except httpx.TransportError:
+                answer = None
+            key = tally(answer)
+            counts[key] = counts.get(key, 0) + 1
+            sent += 1
+        for client in clients:
+            client.close()
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(30)
 
 
 @pytest.fixture(scope="session", autouse=True)

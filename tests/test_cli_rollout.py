@@ -16,14 +16,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import LiveServer, free_port
+from tests.conftest import LiveServer, free_port, sending_wine
 from tests.shipped import ShippedVersion, json_request, reference_rows
 from tidegate.auth import hash_token
 
@@ -75,36 +73,6 @@ def refused(*args: str, **env: str) -> str:
 
 def serving(live: LiveServer, name: str) -> list[str]:
     return list(live.client.get(f"/v2/models/{name}").json()["versions"])
-
-
-@contextmanager
-def sending(live: LiveServer) -> Iterator[dict[int, int]]:
-    """Sends wine's reference rows, one unkeyed request each, from a thread until the
-    block ends; yields the count of answers by status (0: no answer)."""
-    rows = reference_rows(ShippedVersion("wine", 1), 1000)["input"]
-    bodies = [json_request("input", "FP32", rows[i : i + 1]) for i in range(len(rows))]
-    statuses: dict[int, int] = {}
-    stop = threading.Event()
-
-    def send() -> None:
-        with httpx.Client(base_url=live.base, timeout=30) as client:
-            sent = 0
-            while not stop.is_set():
-                try:
-                    body = bodies[sent % len(bodies)]
-                    status = client.post("/v2/models/wine/infer", json=body).status_code
-                except httpx.TransportError:
-                    status = 0
-                statuses[status] = statuses.get(status, 0) + 1
-                sent += 1
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    try:
-        yield statuses
-    finally:
-        stop.set()
-        thread.join(30)
 
 
 # -- the commands against a real server ------------------------------------------------
@@ -188,7 +156,7 @@ def test_a_bad_candidate_is_rolled_back_with_exit_status_4(
     # A generous latency budget: p99 over a few dozen requests is noise on a busy machine,
     # and this test is about the predictions check.
     fast = [*FAST, "--latency-p99-ratio", "20"]
-    with sending(live) as statuses:
+    with sending_wine([live]) as statuses:
         result = tidegate("rollout", "wine", "3", *fast, TIDEGATE_URL=live.url)
     assert result.returncode == 4, result.stdout + result.stderr
     assert result.stderr == ""
@@ -228,7 +196,7 @@ def test_a_good_candidate_is_promoted_with_exit_status_0(
     # A generous latency budget: on a busy test machine a p99 over ~100 requests is noisy.
     fast = [*FAST, "--steps", "10,50,100", "--latency-p99-ratio", "20"]
     started = time.monotonic()
-    with sending(live) as statuses:
+    with sending_wine([live]) as statuses:
         result = tidegate("rollout", "wine", "2", *fast, TIDEGATE_URL=live.url)
     assert result.returncode == 0, result.stdout + result.stderr
     assert time.monotonic() - started < 30

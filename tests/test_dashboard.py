@@ -10,18 +10,15 @@ is saved under `$TIDEGATE_TEST_ARTEFACTS/dashboard` (default: the temporary dire
 
 import os
 import tempfile
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import LiveServer
-from tests.shipped import ShippedVersion, json_request, reference_rows
+from tests.conftest import LiveServer, sending_wine
+from tests.shipped import ShippedVersion, reference_rows
 from tests.test_access import write_auth_file
 
 CHROMIUM = "/usr/bin/chromium"
@@ -94,33 +91,6 @@ def page(browser: Browser) -> Iterator[Page]:
     assert errors == [], errors  # no script error on any page
 
 
-@contextmanager
-def sending(live: LiveServer, rows: np.ndarray | None = None) -> Iterator[dict[int, int]]:
-    """Sends wine rows (its reference rows unless given), one unkeyed request each, from
-    a thread until the block ends; yields the count of answers by status."""
-    if rows is None:
-        rows = reference_rows(WINE, 1000)["input"]
-    bodies = [json_request("input", "FP32", rows[i : i + 1]) for i in range(len(rows))]
-    statuses: dict[int, int] = {}
-    stop = threading.Event()
-
-    def send() -> None:
-        with httpx.Client(base_url=live.base, timeout=30, headers=bearer("checkout")) as client:
-            sent = 0
-            while not stop.is_set():
-                status = client.post("/v2/models/wine/infer", json=bodies[sent % len(bodies)])
-                statuses[status.status_code] = statuses.get(status.status_code, 0) + 1
-                sent += 1
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    try:
-        yield statuses
-    finally:
-        stop.set()
-        thread.join(30)
-
-
 def sign_in(page: Page, live: LiveServer, name: str) -> None:
     """Opens the dashboard, which asks for a token, and gives it `name`'s."""
     page.goto(f"{live.base}/dashboard")
@@ -166,7 +136,7 @@ def test_the_page_needs_a_reader_token_and_shows_the_server_and_its_models(
     expect(page.locator("#login-error")).to_contain_text("'reader'")
     expect(page.locator("#tabs")).to_be_hidden()
 
-    with sending(live) as statuses:
+    with sending_wine([live], headers=bearer("checkout")) as statuses:
         sign_in(page, live, "watcher")
         assert page.evaluate("sessionStorage.getItem('tidegate.token')") == "reader-secret"
         assert page.evaluate("localStorage.length") == 0
@@ -196,7 +166,7 @@ def test_the_page_needs_a_reader_token_and_shows_the_server_and_its_models(
 
 
 def test_a_rollout_of_the_wine_demo_advances_and_ends_on_the_page(live: LiveServer, page: Page):
-    with sending(live) as statuses:
+    with sending_wine([live], headers=bearer("checkout")) as statuses:
         sign_in(page, live, "watcher")
         open_view(page, "rollout")
         expect(page.locator("#rollout-list")).to_contain_text("No rollout")
@@ -305,7 +275,7 @@ def test_a_drifted_feature_is_at_the_top_of_the_drift_table(live: LiveServer, pa
     sign_in(page, live, "watcher")
     open_view(page, "drift")
     page.select_option("#drift-version", "wine/1")
-    with sending(live, rows) as statuses:
+    with sending_wine([live], rows=rows, headers=bearer("checkout")) as statuses:
         top = page.locator("#drift-table tbody tr").first
         expect(top).to_have_attribute("data-feature", "input[0]", timeout=TIMEOUT_MS)
         expect(top.locator(".badge.drift")).to_be_visible()  # the verdict

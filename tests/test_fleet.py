@@ -10,17 +10,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import MODELS, SHIPPED_ONLY, LiveServer
+from tests.conftest import MODELS, SHIPPED_ONLY, LiveServer, sending_wine
 from tests.shipped import ShippedVersion, json_request, reference_rows
 from tidegate.access import required_role
 from tidegate.auth import Role
@@ -78,43 +76,18 @@ def served_versions(fleet: list[LiveServer]) -> list[list[str]]:
     return [live.client.get("/v2/models/wine").json()["versions"] for live in fleet]
 
 
+def version_served(answer: httpx.Response | None) -> str:
+    """The version that answered; "failed" for an error, "no answer" for none."""
+    if answer is None:
+        return "no answer"
+    return answer.headers["tidegate-model-version"] if answer.is_success else "failed"
+
+
 def wait_until(condition: Callable[[], bool], limit_s: float = 30) -> None:
     deadline = time.monotonic() + limit_s
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
-
-
-@contextmanager
-def round_robin(fleet: list[LiveServer]) -> Iterator[dict[str, int]]:
-    """Sends wine's reference rows, one unkeyed request each, to the replicas in turn
-    from a thread until the block ends; yields the count of answers by version served
-    ("failed" for an error, "no answer" for a replica that was down)."""
-    seen: dict[str, int] = {}
-    stop = threading.Event()
-
-    def send() -> None:
-        clients = [httpx.Client(base_url=live.base, timeout=30) for live in fleet]
-        sent = 0
-        while not stop.is_set():
-            client = clients[sent % len(clients)]
-            try:
-                answer = client.post("/v2/models/wine/infer", json=BODIES[sent % len(BODIES)])
-                key = answer.headers["tidegate-model-version"] if answer.is_success else "failed"
-            except httpx.TransportError:
-                key = "no answer"
-            seen[key] = seen.get(key, 0) + 1
-            sent += 1
-        for client in clients:
-            client.close()
-
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    try:
-        yield seen
-    finally:
-        stop.set()
-        thread.join(30)
 
 
 def test_a_split_holds_over_the_fleet_and_keys_stick_on_every_replica(
@@ -167,7 +140,7 @@ def test_a_bad_version_rolls_back_on_the_merged_windows_and_a_good_one_promotes(
 ):
     fleet = start_fleet(start_server, tmp_path)
     replicas = replicas_option(fleet)
-    with round_robin(fleet) as seen:
+    with sending_wine(fleet, version_served) as seen:
         bad = tidegate("fleet", "rollout", "wine", "3", *FAST, "--replicas", replicas)
     assert bad.returncode == 4, bad.stdout + bad.stderr
     assert "rollback: predictions fails: canary's predictions differ" in bad.stdout
@@ -179,7 +152,7 @@ def test_a_bad_version_rolls_back_on_the_merged_windows_and_a_good_one_promotes(
     predictions = next(c for c in rollbacks[0]["checks"] if c["name"] == "predictions")
     assert predictions["verdict"] == "fail"
 
-    with round_robin(fleet) as seen:
+    with sending_wine(fleet, version_served) as seen:
         good = tidegate(
             "fleet", "rollout", "wine", "2", *FAST, "--steps", "10,50,100", "--replicas", replicas
         )
@@ -248,7 +221,7 @@ def test_a_replica_that_does_not_answer_pauses_the_rollout_and_its_return_resume
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        with round_robin(fleet[:2]):
+        with sending_wine(fleet[:2], version_served):
             wait_until(lambda: fleet[0].client.get("/v2/models/wine/rollout").status_code == 200)
             victim = fleet[2]
             victim.process.kill()  # a replica crashes

@@ -139,13 +139,7 @@ class Fleet:
         """Each replica's view of the model (`ControlClient.fleet_view`) and their step
         windows added up (None while the model has no canary)."""
         views = self.read(lambda client: client.fleet_view(model))
-        states = [view["windows"] for view in views.values() if view["windows"] is not None]
-        if not states:
-            return views, None
-        merged = StepWindows.from_state(states[0])
-        for state in states[1:]:
-            merged = merged.merged(StepWindows.from_state(state))
-        return views, merged
+        return views, added_up(views)
 
     def drift(self, model: str, version: str) -> dict[str, Any]:
         """The version's drift report over every replica's traffic: the others' drift
@@ -199,10 +193,10 @@ class FleetJudge:
         self._ready_looks: dict[tuple[int, int], int] = {}
 
     def look(self) -> Look:
-        try:
-            views, windows = self.fleet.windows(self.model)
-        except Incomplete as exc:
-            return self._pause_for(exc)
+        views, failures = self.fleet.gather(lambda client: client.fleet_view(self.model))
+        if failures:
+            return self._pause_for(views, Incomplete(failures))
+        windows = added_up(views)
         generations = {view["generation"] for view in views.values()}
         if len(generations) > 1:
             behind = ", ".join(f"{url} at {view['generation']}" for url, view in views.items())
@@ -228,12 +222,12 @@ class FleetJudge:
         checks = [check.to_dict() for check in verdict.checks]
         return self._decide(rollout, verdict.action, verdict.reason, checks, windows)
 
-    def _pause_for(self, incomplete: Incomplete) -> Look:
-        """Pauses a running rollout through a replica that answers, naming those that do
-        not; a rollout already paused, or no replica answering, is left as it is."""
+    def _pause_for(self, views: dict[str, dict[str, Any]], incomplete: Incomplete) -> Look:
+        """Pauses a running rollout (as the replicas that answered, `views`, hold it),
+        naming the replicas that did not; a rollout already paused, or no replica
+        answering, is left as it is."""
         reason = f"{INCOMPLETE}: {incomplete}"
-        answers, _ = self.fleet.gather(lambda client: client.fleet_view(self.model))
-        for view in answers.values():
+        for view in views.values():
             document = view["rollout"]
             if document is None or document["status"] != RUNNING:
                 return Look(document["status"] if document else "unknown", "wait", reason)
@@ -248,17 +242,17 @@ class FleetJudge:
         checks: list[dict[str, Any]],
         windows: StepWindows | None = None,
     ) -> Look:
-        """Posts the decision to one replica that answers, then waits until every
+        """Posts the decision to the first replica that answers, then waits until every
         replica serves the generation that holds it, or one does not answer."""
-        answers, failures = self.fleet.gather(lambda client: client.applied_state())
-        for url in answers:
-            client = ControlClient(url, timeout=self.fleet.timeout, token=self.fleet.token)
+        failures: dict[str, str] = {}
+        for client in self.fleet.clients():
             try:
                 status = client.judgement(self.model, rollout.step + 1, action, reason, checks)
                 # The next look judges only once every replica serves the decision.
                 self.fleet.wait_for(client.applied_state()["generation"])
-            except Unreachable:
-                continue  # gone since it answered: the next one
+            except Unreachable as exc:
+                failures[client.url] = str(exc)
+                continue  # the next one
             except ServerError as exc:
                 if exc.status != 409:
                     raise
@@ -267,6 +261,17 @@ class FleetJudge:
             return Look(status["status"], action, reason, status, windows)
         why = f"no replica answers to take the decision ({action}): {Incomplete(failures)}"
         return Look(rollout.status, "wait", why, _summary(rollout), windows)
+
+
+def added_up(views: dict[str, dict[str, Any]]) -> StepWindows | None:
+    """The step windows of the replicas' views added up (None without a canary)."""
+    states = [view["windows"] for view in views.values() if view["windows"] is not None]
+    if not states:
+        return None
+    merged = StepWindows.from_state(states[0])
+    for state in states[1:]:
+        merged = merged.merged(StepWindows.from_state(state))
+    return merged
 
 
 def _summary(rollout: Rollout) -> dict[str, Any]:
