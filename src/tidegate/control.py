@@ -296,7 +296,6 @@ class ControlPlane:
         live = self.traffic.live(rollout.model)
         assert live is not None  # a running rollout's canary is always routed
         verdict = rollout.look(await self._merged_windows(rollout.model, live.windows))
-        assert rollout.judgement is not None
         await self._carry_out(rollout, verdict.action, JUDGE, verdict.reason)
         return verdict
 
@@ -321,8 +320,12 @@ class ControlPlane:
                 )
             if (action == "resume") != (rollout.status == PAUSED):
                 raise Conflict(f"the rollout of model '{name}' is {rollout.status}: no {action}")
-            rollout.judgement = {"time": time.time(), "action": action, "reason": reason}
-            rollout.judgement["checks"] = checks
+            rollout.judgement = {
+                "time": time.time(),
+                "action": action,
+                "reason": reason,
+                "checks": checks,
+            }
             await self._carry_out(rollout, action, f"{FLEET_JUDGE} ({actor})", reason)
             return self.rollout_status(name)
 
