@@ -1,7 +1,8 @@
 """Where one inference request's time goes inside tidegate, without the network.
 
-Calls the ASGI application in-process (as uvicorn would, with the body already
-read) for one row of each shipped model, and times its parts: the codec's decode
+Calls the application's answer to an infer request in-process (as the HTTP
+connection does, with the body already read) for one row of each shipped model, and
+times its parts: the codec's decode
 and encode, the model run, and the whole application. The ratio column compares
 each with onnxruntime's own `session.run` on the same row, measured in the same
 run. Complements bench_http.py, whose figures add the HTTP stack and the client.
@@ -13,7 +14,6 @@ import argparse
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import uvloop
 
@@ -45,8 +45,8 @@ async def per_await_us(fn: Callable[[], Awaitable[object]], count: int) -> float
 
 
 async def main(count: int) -> None:
-    app = create_app(ServerConfig(MODELS))
-    registry = app.core.registry
+    router = create_app(ServerConfig(MODELS)).direct_infer.router
+    registry = router.core.registry
     await registry.load_all()
     print("| model | raw onnxruntime us | decode us | run us | encode us | whole app us | vs raw |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -73,21 +73,19 @@ async def main(count: int) -> None:
             count,
         )
 
-        scope = {
-            "type": "http",
-            "method": "POST",
-            "path": path,
-            "headers": [(b"content-length", str(len(body)).encode())],
-        }
+        headers = [(b"content-length", str(len(body)).encode())]
+        target = (model, str(version))
 
-        async def receive() -> dict[str, Any]:
-            return {"type": "http.request", "body": body, "more_body": False}  # noqa: B023
+        async def read(limit: int) -> bytes:
+            return body  # noqa: B023
 
-        async def send(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                assert message["status"] == 200, message
+        async def write(status: int, headers: list[tuple[bytes, bytes]], answer: bytes) -> None:
+            assert status == 200, answer
 
-        whole = await per_await_us(lambda: app(scope, receive, send), count)  # noqa: B023
+        whole = await per_await_us(
+            lambda: router.answer("POST", path, target, headers, read, write),  # noqa: B023
+            count,
+        )
         print(
             f"| {model} v{version} | {raw:.1f} | {decode:.1f} | {run:.1f} | {encode:.1f} | "
             f"{whole:.1f} | {whole / raw:.1f}x |"

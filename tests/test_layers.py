@@ -79,6 +79,7 @@ LAYERS = {
         "dashboard",
         "grpc_server",
         "fleet",
+        "direct",
     },
     4: {
         "server",
@@ -98,7 +99,7 @@ OWNERS = {
     "starlette": {"v2", "app", "control_api", "internal", "dashboard"},
     # The workers' calls to each other over their private sockets.
     "httpx": {"peers"},
-    "uvicorn": {"server", "connection"},
+    "uvicorn": {"server", "connection", "direct"},
     "httptools": {"connection"},
     "click": {"cli", "cli_common", "cli_rollout", "cli_bench", "cli_fleet"},
     "rich": {"cli", "cli_common", "cli_rollout", "cli_bench", "cli_fleet"},

@@ -21,7 +21,7 @@ format, before its body is read.
 
 from tidegate.auth import AuthFile, Role
 from tidegate.errors import TidegateError
-from tidegate.infer import ASGIApp, Receive, Scope, Send, error_parts, respond
+from tidegate.infer import ASGIApp, Headers, Receive, Scope, Send, error_parts, respond
 from tidegate.v2 import ACTOR_KEY
 
 _CHANGES = ("POST", "PUT", "PATCH", "DELETE")
@@ -51,6 +51,14 @@ def required_role(method: str, path: str) -> Role:
     return Role.READER
 
 
+def denial(exc: TidegateError) -> tuple[int, Headers, bytes]:
+    """The response refusing a request its token does not allow (401 or 403)."""
+    status, headers, body = error_parts(exc)
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="tidegate"'))
+    return status, headers, body
+
+
 class AccessGate:
     def __init__(self, app: ASGIApp, auth: AuthFile) -> None:
         self.app = app
@@ -74,10 +82,7 @@ class AccessGate:
                 authorization, required_role(method, path), f"{method} {path}"
             )
         except TidegateError as exc:
-            status, headers, body = error_parts(exc)
-            if status == 401:
-                headers.append((b"www-authenticate", b'Bearer realm="tidegate"'))
-            await respond(send, status, headers, body)
+            await respond(send, *denial(exc))
             return
         scope[ACTOR_KEY] = principal.name
         await self.app(scope, receive, send)

@@ -5,6 +5,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,6 +20,7 @@ from tidegate.config import GRPC_GRACE_S, ServerConfig
 from tidegate.control import ControlPlane
 from tidegate.control_api import ControlApi
 from tidegate.dashboard import Dashboard
+from tidegate.direct import DirectInfer
 from tidegate.errors import TidegateError
 from tidegate.executor import InferenceExecutor
 from tidegate.infer import ASGIApp, InferRouter, error_parts
@@ -98,11 +100,21 @@ def _routes(plane: DataPlane) -> list[Route]:
     return routes
 
 
-def create_app(config: ServerConfig) -> ASGIApp:
+@dataclass(frozen=True)
+class Application:
+    """The server's two ways in: the ASGI application, and the answerer of infer
+    requests that the HTTP connection hands over without an ASGI cycle (`direct`)."""
+
+    asgi: ASGIApp
+    direct_infer: DirectInfer
+
+
+def create_app(config: ServerConfig) -> Application:
     """The tidegate application for one repository. Models load during startup.
 
-    Inference requests are answered by `InferRouter`, a pure ASGI app in front of
-    Starlette; Starlette serves the rest (and runs the lifespan)."""
+    Inference requests are answered by `InferRouter`, straight from the connection or
+    as a pure ASGI app in front of Starlette; Starlette serves the rest (and runs the
+    lifespan)."""
     executor = InferenceExecutor(config.executor_threads)
     registry = Registry(config.repository, executor)
     observer = DriftObserver()
@@ -215,9 +227,8 @@ def create_app(config: ServerConfig) -> ASGIApp:
         },
     )
     router = InferRouter(app, registry, traffic, observer, config.max_body_bytes, request_log)
-    if auth is None:
-        return router
-    return AccessGate(router, auth)
+    asgi: ASGIApp = router if auth is None else AccessGate(router, auth)
+    return Application(asgi, DirectInfer(router, auth))
 
 
 def _audit_reloads(control: ControlPlane) -> Callable[[bool, str], None]:

@@ -41,14 +41,15 @@ and before the transport closes, so no byte is lost or reordered.
 
 import asyncio
 import logging
-from http import HTTPStatus
+import urllib.parse
 from typing import Any, ClassVar
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from tidegate.direct import DirectCycle, DirectInfer, response_bytes
 from tidegate.errors import BadRequest, HeadersTooLarge, TidegateError, UriTooLong
-from tidegate.infer import error_parts
+from tidegate.infer import error_parts, infer_target
 
 log = logging.getLogger("tidegate.connection")
 
@@ -100,12 +101,15 @@ class _OneWriteTransport:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the V2 error format and bounded request heads.
-    Written against uvicorn 0.55's `HttpToolsProtocol`; `protocol_class` sets the limits.
+    """uvicorn's httptools protocol with the V2 error format, bounded request heads and
+    infer requests answered without an ASGI cycle (see `direct`). Written against
+    uvicorn 0.55's `HttpToolsProtocol`; `protocol_class` sets the limits and the
+    answerer of infer requests (None: every request takes the ASGI cycle).
     """
 
     max_header_bytes: ClassVar[int]
     max_headers: ClassVar[int]
+    direct_infer: ClassVar[DirectInfer | None]
 
     # The size of the read being parsed; per request: whether its head is still being
     # read, whether it is known to fit (it began in a read no larger than the limit and
@@ -116,6 +120,7 @@ class HttpProtocol(HttpToolsProtocol):
     _head_reads = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._raw_transport = transport  # a direct cycle writes whole responses: no joining
         super().connection_made(_OneWriteTransport(transport))  # type: ignore[arg-type]
 
     def on_response_complete(self) -> None:
@@ -158,7 +163,49 @@ class HttpProtocol(HttpToolsProtocol):
             error = self._head_error()
             if error is not None:
                 raise error
-        super().on_headers_complete()
+        cycle = self._direct_cycle()
+        if cycle is None:
+            super().on_headers_complete()
+            return
+        # As uvicorn starts its own cycles: at once, or after the pipelined one before.
+        existing = self.cycle
+        self.cycle = cycle  # type: ignore[assignment]
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
+        else:
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))  # type: ignore[arg-type]
+
+    def _direct_cycle(self) -> DirectCycle | None:
+        """A `DirectCycle` for a POST to an infer endpoint; None for what takes uvicorn's
+        ASGI cycle: every other request, and one that asks for `100 Continue` or an
+        upgrade (rare, and uvicorn's cycle knows how to answer them)."""
+        answer = self.direct_infer
+        parser = self.parser
+        if (
+            answer is None
+            or self.expect_100_continue
+            or parser.get_method() != b"POST"
+            or parser.should_upgrade()
+        ):
+            return None
+        path = httptools.parse_url(self.url).path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        target = infer_target(path)
+        if target is None:
+            return None
+        return DirectCycle(
+            answer,
+            path,
+            target,
+            self.headers,
+            self._raw_transport,
+            self.flow,
+            self.server_state.default_headers,
+            parser.get_http_version() != "1.0" and parser.should_keep_alive(),
+            self.on_response_complete,
+        )
 
     def _head_error(self) -> TidegateError | None:
         """The 414 or 431 for the head read so far, if it is over the limits."""
@@ -189,12 +236,8 @@ class HttpProtocol(HttpToolsProtocol):
         as uvicorn writes its own 400, since no request cycle exists to answer it."""
         log.info("refused a request: %d %s", error.status, error.message)
         status, headers, body = error_parts(error)
-        phrase = HTTPStatus(status).phrase
-        lines = [f"HTTP/1.1 {status} {phrase}".encode()]
-        for name, value in [*self.server_state.default_headers, *headers]:
-            lines.append(name + b": " + value)
-        lines += [b"content-length: %d" % len(body), b"connection: close", b"", body]
-        self.transport.write(b"\r\n".join(lines))
+        headers = [*self.server_state.default_headers, *headers]
+        self.transport.write(response_bytes(status, headers, body, close=True))
         self.transport.close()
 
 
@@ -214,13 +257,17 @@ def _shown(name: bytes) -> str:
     return name[:64].decode("latin-1") + ("..." if len(name) > 64 else "")
 
 
-def protocol_class(max_header_bytes: int, max_headers: int) -> type[HttpProtocol]:
-    """`HttpProtocol` with the server's limits, for uvicorn's `http` option (which
-    builds the protocol itself, so the limits travel as class attributes)."""
+def protocol_class(
+    max_header_bytes: int, max_headers: int, direct_infer: DirectInfer | None
+) -> type[HttpProtocol]:
+    """`HttpProtocol` with the server's limits and answerer of infer requests, for
+    uvicorn's `http` option (which builds the protocol itself, so they travel as class
+    attributes)."""
 
-    class LimitedHttpProtocol(HttpProtocol):
+    class ServerHttpProtocol(HttpProtocol):
         pass
 
-    LimitedHttpProtocol.max_header_bytes = max_header_bytes
-    LimitedHttpProtocol.max_headers = max_headers
-    return LimitedHttpProtocol
+    ServerHttpProtocol.max_header_bytes = max_header_bytes
+    ServerHttpProtocol.max_headers = max_headers
+    ServerHttpProtocol.direct_infer = direct_infer
+    return ServerHttpProtocol

@@ -11,6 +11,7 @@ import logging
 import time
 import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -30,6 +31,12 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+# What an infer request is answered through, whichever way it came (an ASGI cycle, or
+# the connection itself: see `direct`): its raw body, read up to a limit in bytes, and
+# the writer of its response (status, headers, body).
+BodyReader = Callable[[int], Awaitable[bytes]]
+Writer = Callable[[int, Headers, bytes], Awaitable[None]]
 
 log = logging.getLogger("tidegate.infer")
 
@@ -59,13 +66,27 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return data
 
 
-async def receive_body(
-    receive: Receive, content_length: str | None, content_encoding: str | None, limit: int
+def body_too_large(limit: int) -> TooLarge:
+    return TooLarge(f"request body is over the limit of {limit} bytes")
+
+
+async def read_body(
+    read: "BodyReader", content_length: str | None, content_encoding: str | None, limit: int
 ) -> bytes:
     """The request body, decompressed, refused with 413 as soon as it exceeds `limit`."""
     declared = None if content_length is None else ascii_number(content_length, 30)
     if declared is not None and declared > limit:
         raise TooLarge(f"request body of {content_length} bytes is over the limit of {limit} bytes")
+    body = await read(limit)
+    if content_encoding is not None:
+        encoding = content_encoding.strip().lower()
+        if encoding != "identity":
+            body = _decompress(body, encoding, limit)
+    return body
+
+
+async def _receive_raw(receive: Receive, limit: int) -> bytes:
+    """An ASGI request's body as it came, refused with 413 once over `limit` bytes."""
     chunks = []
     size = 0
     while True:
@@ -75,16 +96,18 @@ async def receive_body(
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise TooLarge(f"request body is over the limit of {limit} bytes")
+            raise body_too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    if content_encoding is not None:
-        encoding = content_encoding.strip().lower()
-        if encoding != "identity":
-            body = _decompress(body, encoding, limit)
-    return body
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def receive_body(
+    receive: Receive, content_length: str | None, content_encoding: str | None, limit: int
+) -> bytes:
+    """An ASGI request's body, as `read_body`."""
+    return await read_body(partial(_receive_raw, receive), content_length, content_encoding, limit)
 
 
 def error_parts(exc: TidegateError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -95,7 +118,7 @@ def error_parts(exc: TidegateError) -> tuple[int, list[tuple[bytes, bytes]], byt
     return exc.status, headers, orjson.dumps({"error": exc.message})
 
 
-async def respond(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+async def respond(send: Send, status: int, headers: Headers, body: bytes) -> None:
     headers.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
@@ -124,18 +147,18 @@ def _log_entry(
     return entry
 
 
-def _capturing(receive: Receive, chunks: list[bytes]) -> Receive:
-    """`receive`, keeping a copy of the body's chunks (for the request log's payload)."""
+def _capturing(read: BodyReader, kept: list[bytes]) -> BodyReader:
+    """`read`, keeping a copy of the raw body (for the request log's payload)."""
 
-    async def capture() -> Message:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        return message
+    async def capture(limit: int) -> bytes:
+        body = await read(limit)
+        kept.append(body)
+        return body
 
     return capture
 
 
-def _infer_target(path: str) -> tuple[str, str | None] | None:
+def infer_target(path: str) -> tuple[str, str | None] | None:
     """(model, version) for `/v2/models/{m}[/versions/{v}]/infer`, else None."""
     parts = path.split("/")
     if parts[-1] != "infer" or parts[1:3] != ["v2", "models"]:
@@ -166,38 +189,64 @@ class InferRouter:
         self.request_log = request_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        target = _infer_target(scope["path"]) if scope["type"] == "http" else None
+        target = infer_target(scope["path"]) if scope["type"] == "http" else None
         if target is None:
             await self.app(scope, receive, send)
             return
+        await self.answer(
+            scope["method"],
+            scope["path"],
+            target,
+            scope["headers"],
+            partial(_receive_raw, receive),
+            partial(respond, send),
+        )
+
+    async def answer(
+        self,
+        method: str,
+        path: str,
+        target: tuple[str, str | None],
+        headers: Headers,
+        read: BodyReader,
+        write: Writer,
+    ) -> None:
+        """Answers one request to an infer endpoint, with its body from `read` and its
+        response through `write`; then hands the batch to the drift statistics."""
         self.in_flight += 1
         try:
-            await self._answer(scope, receive, send, target)
+            await self._answer(method, path, target, headers, read, write)
         finally:
             self.in_flight -= 1
 
     async def _answer(
-        self, scope: Scope, receive: Receive, send: Send, target: tuple[str, str | None]
+        self,
+        method: str,
+        path: str,
+        target: tuple[str, str | None],
+        headers: Headers,
+        read: BodyReader,
+        write: Writer,
     ) -> None:
         served = None
         started = time.perf_counter_ns()
         sampled = self.request_log is not None and self.request_log.sampled()
         received: list[bytes] = []
         if sampled and self.request_log is not None and self.request_log.config.payload:
-            receive = _capturing(receive, received)
+            read = _capturing(read, received)
         error = None
         try:
-            if scope["method"] != "POST":
-                raise MethodNotAllowed(f"{scope['method']} is not allowed on {scope['path']}")
-            served = await self._infer(scope, receive, *target)
-            status, headers, body = 200, _headers(served), served.payload[0]
+            if method != "POST":
+                raise MethodNotAllowed(f"{method} is not allowed on {path}")
+            served = await self._infer(headers, read, *target)
+            status, response_headers, body = 200, _headers(served), served.payload[0]
         except TidegateError as exc:
-            status, headers, body = error_parts(exc)
+            status, response_headers, body = error_parts(exc)
             error = exc.message
             log.info(
                 "%s %s: %d %s",
-                scope["method"],
-                scope["path"],
+                method,
+                path,
                 status,
                 error,
                 extra={"model": target[0], "status": status},
@@ -205,26 +254,26 @@ class InferRouter:
         except ClientGone:
             return
         except Exception as exc:  # a bug, not bad input: log it, answer in the V2 format
-            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
-            status, headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
+            log.exception("unexpected error on %s %s", method, path)
+            status, response_headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
             body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
-        await respond(send, status, headers, body)
+        await write(status, response_headers, body)
         if served is not None:  # only now, with the answer handed back
             self.core.after(served)
         if sampled and self.request_log is not None:
             entry = _log_entry(target, started, served, int(status), error)
             if received:
-                entry["request"] = b"".join(received)
+                entry["request"] = received[0]
                 entry["response"] = body
             self.request_log.record(entry)
 
     async def _infer(
-        self, scope: Scope, receive: Receive, model: str, version: str | None
+        self, headers: Headers, read: BodyReader, model: str, version: str | None
     ) -> "Served[tuple[bytes, int | None]]":
         started = time.perf_counter_ns()
         deployment = self.core.resolve(model, version)
         try:
-            decoded, key, decode_ns = await self._decode(scope, receive, deployment)
+            decoded, key, decode_ns = await self._decode(headers, read, deployment)
         except TidegateError:
             self.core.refused(deployment, started)
             raise
@@ -237,12 +286,12 @@ class InferRouter:
         return await self.core.infer(deployment, version, decoded, key, started, decode_ns, encode)
 
     async def _decode(
-        self, scope: Scope, receive: Receive, deployment: Deployment
+        self, headers: Headers, read: BodyReader, deployment: Deployment
     ) -> tuple[codec.InferRequest, bytes | None, int]:
         """The request's body read and decoded; its routing-key header and the time
         decoding took."""
         content_length = content_encoding = header_length = key = None
-        for name, value in scope["headers"]:
+        for name, value in headers:
             if name == b"content-length":
                 content_length = value.decode("latin-1")
             elif name == b"content-encoding":
@@ -256,7 +305,7 @@ class InferRouter:
                     )
             elif name == b"tidegate-routing-key":
                 key = value
-        body = await receive_body(receive, content_length, content_encoding, self.max_body)
+        body = await read_body(read, content_length, content_encoding, self.max_body)
         decode_start = time.perf_counter_ns()
         decoded = codec.decode_request(
             body,

@@ -34,13 +34,18 @@ def serve(
     configure_logging(config.log_level, config.log_format == "json")
     check_exposure(config)
     check_grpc_port(config)
+    app = create_app(config)
     uvicorn_config = uvicorn.Config(
-        create_app(config),
+        app.asgi,
         host=config.host,
         port=config.port,
         loop="uvloop",
-        # httptools, answering malformed and oversized requests in the V2 error format.
-        http=protocol_class(config.max_header_bytes, config.max_headers),
+        # httptools, answering malformed and oversized requests in the V2 error format,
+        # and infer requests without an ASGI cycle, except with the access log (which
+        # uvicorn's cycle writes).
+        http=protocol_class(
+            config.max_header_bytes, config.max_headers, None if access_log else app.direct_infer
+        ),
         lifespan="on",
         access_log=access_log,
         log_level=config.log_level,
