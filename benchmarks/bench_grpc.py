@@ -6,7 +6,10 @@ logistic regression, one row per request) at once from four servers on 127.0.0.1
   * tidegate, dynamic batching on, gRPC on a free port (`--grpc-port P`);
   * tidegate, the same, gRPC off (`--grpc-port 0`);
   * MLServer, adaptive batching off and on (its settings as in bench_vs_mlserver.py,
-    gRPC on the free `grpc_port` its settings.json names).
+    gRPC on the free `grpc_port` its settings.json names);
+  * grpcio's floor, asyncio and threads (grpc_floor.py): grpcio answering the bytes
+    tidegate answered, nothing else, the least any Python gRPC server built on it
+    could cost here.
 Every gRPC server's answer is first checked against onnxruntime run here
 (tritonclient.grpc); a mismatch aborts. Then, for each round, every cell in turn (the
 order reversed every other round), each a `tidegate bench` subprocess with a 1 s
@@ -19,11 +22,12 @@ warm-up and `--duration` seconds measured, closed loop:
     idle (the two cells run back to back).
 It prints markdown tables of the medians over the rounds: each cell; tidegate gRPC /
 MLServer gRPC (its faster batching setting) at c=64 req/s (goal >= 2x) and c=1 p50
-(goal <= 0.5x); and per round the HTTP throughput with gRPC idle / gRPC off (goal
-within 3 %). It also gives each server's CPU time per request: its process's CPU
-over a cell, warm-up included, over the requests tidegate's /stats counted meanwhile;
-for MLServer (no such count) estimated, `~`, as if the warm-up had the measured rate
-(the same estimate's error on the tidegate cells is printed). Client and servers
+(goal <= 0.5x), and the same ratios for the floors; and per round the HTTP
+throughput with gRPC idle / gRPC off (goal within 3 %). It also gives each server's
+CPU time per request: its process's CPU over a cell, warm-up included, over the
+requests tidegate's /stats counted meanwhile; for MLServer and the floors (no such
+count) estimated, `~`, as if the warm-up had the measured rate (the same estimate's
+error on the tidegate cells is printed). Client and servers
 share the machine's cores.
 
 Usage (tidegate's venv; MLServer's as in bench_vs_mlserver.py):
@@ -66,14 +70,19 @@ from bench_vs_mlserver import (
     running,
     spawn_tidegate,
     start_mlserver,
+    stop,
     write_repo,
 )
 from tidegate.bench import server_stats
+from tidegate.grpc_server import SERVICE
 from tidegate.loadgen import Target
+from tidegate.proto import grpc_service_pb2 as pb
 
 MODEL = "tabular"
 LEVELS = (1, 64)
 WARMUP_SECONDS = 1.0
+FLOORS = ("asyncio", "threads")  # grpc_floor.py's modes
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "grpc_floor.py"
 
 
 @dataclass
@@ -131,6 +140,38 @@ def check_grpc(address: str, payload: Payload, who: str) -> None:
         if got is None or not np.allclose(got.ravel(), want.ravel(), rtol=1e-4, atol=1e-6):
             raise SystemExit(f"{who} over gRPC: output {name} {got} != {want.ravel()}")
     client.close()
+
+
+def record_answers(address: str, payload: Payload, folder: Path) -> tuple[Path, Path]:
+    """The serialized ModelMetadata and ModelInfer answers of the gRPC server at
+    `address` to the payload's request, as files for grpc_floor.py."""
+    document = json.loads(payload.json_file.read_text())
+    request = pb.ModelInferRequest(model_name=payload.model)
+    for entry in document["inputs"]:
+        data = np.asarray(entry["data"], np.float32).reshape(entry["shape"])
+        request.inputs.add(name=entry["name"], datatype=entry["datatype"], shape=data.shape)
+        request.raw_input_contents.append(data.tobytes())
+    with grpc.insecure_channel(address) as channel:
+        metadata = channel.unary_unary(f"/{SERVICE}/ModelMetadata")(
+            pb.ModelMetadataRequest(name=payload.model).SerializeToString(), timeout=10
+        )
+        answer = channel.unary_unary(f"/{SERVICE}/ModelInfer")(
+            request.SerializeToString(), timeout=10
+        )
+    paths = folder / "floor-metadata.bin", folder / "floor-infer.bin"
+    paths[0].write_bytes(metadata)
+    paths[1].write_bytes(answer)
+    return paths
+
+
+def start_floor(mode: str, answers: tuple[Path, Path], root: Path) -> Server:
+    """grpc_floor.py in `mode` on a free port (the Server's port is its gRPC port)."""
+    port = free_port()
+    log = root / f"floor-{mode}.log"
+    command = [sys.executable, str(FLOOR_SCRIPT), mode, str(port), *map(str, answers)]
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    return Server(f"grpcio floor, {mode}", False, port, process, log)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -193,6 +234,7 @@ def make_cells(servers: dict[str, Server], grpc_ports: dict[str, int]) -> list[C
         for encoding in ("json", "binary"):
             label = f"tidegate HTTP {encoding}, batching on"
             cells.append(cell(label, "tidegate", "http", encoding, conc))
+        cells += [cell(f"grpcio floor, {m}", f"floor {m}", "grpc", "raw", conc) for m in FLOORS]
     label = "tidegate HTTP binary, --grpc-port 0"
     cells.append(cell(label, "tidegate, gRPC off", "http", "binary", 64))
     return cells
@@ -266,6 +308,18 @@ def print_ratios(cells: list[Cell]) -> None:
         f"{best_1.label.split(', ')[1]} | {p50:.2f}x | <= 0.5x: "
         f"{'met' if p50 <= 0.5 else 'missed'} |"
     )
+    print("\nThe floors against the same MLServer figures: what no server on grpcio beats\n")
+    print("| floor | req/s at c=64 | ratio | p50 ms at c=1 | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    for mode in FLOORS:
+        floor_64 = _find(cells, f"floor {mode}", "grpc", 64, "raw")
+        floor_1 = _find(cells, f"floor {mode}", "grpc", 1, "raw")
+        print(
+            f"| {mode} | {floor_64.median('rps'):,.0f} | "
+            f"{floor_64.median('rps') / best_64.median('rps'):.2f}x | "
+            f"{floor_1.median('p50_ms'):.3f} | "
+            f"{floor_1.median('p50_ms') / best_1.median('p50_ms'):.2f}x |"
+        )
     print("\ntidegate over HTTP and over gRPC (same client, same row)\n")
     print(
         "| conc | HTTP binary req/s | HTTP JSON req/s | gRPC req/s | gRPC / HTTP binary "
@@ -358,6 +412,12 @@ def main() -> None:
                 grpc_ports[f"MLServer {mode}"] = settings["grpc_port"]
             for name, port in grpc_ports.items():
                 check_grpc(f"127.0.0.1:{port}", payload, name)
+            answers = record_answers(f"127.0.0.1:{grpc_ports['tidegate']}", payload, root)
+            for mode in FLOORS:
+                floor = start_floor(mode, answers, root)
+                stack.callback(stop, floor.process)
+                servers[f"floor {mode}"], grpc_ports[f"floor {mode}"] = floor, floor.port
+                check_grpc(f"127.0.0.1:{floor.port}", payload, floor.name)
             cells = make_cells(servers, grpc_ports)
             for round_ in range(args.rounds):
                 for cell in cells if round_ % 2 == 0 else cells[::-1]:
