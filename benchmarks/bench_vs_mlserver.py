@@ -15,7 +15,11 @@ checked against onnxruntime run here; a mismatch aborts. Each cell gets a 1 s wr
 warm-up first. It prints markdown tables: requests/s, rows/s, p50 and p99 per cell,
 the ratios tidegate / MLServer, each server's peak RSS (VmHWM) and, for the MLPs, what
 batching gains at the highest concurrency. wrk, the servers and this script share the
-machine's cores.
+machine's cores. With `--rounds N` everything is measured N times (the servers' order
+alternating by round) and a last table gives, per round and as the median over the
+rounds, tidegate as it ships (batching on, JSON) against MLServer's faster setting:
+on this 2-vCPU VM a single run's c=1 figures depend on whether the scheduler puts wrk
+and the server on one vCPU (see RESULTS.md), so one round settles little.
 
 MLServer runs from its own venv:
 
@@ -26,7 +30,7 @@ Usage (with tidegate's venv, which has onnx and orjson):
 
     .venv/bin/python benchmarks/bench_vs_mlserver.py [--duration 10] \
         [--concurrency 1,8,64] [--models tabular,mlp,mlp_small,cnn] [--batching off,on] \
-        [--mlserver-python /tmp/mls/bin/python] [--json results.json]
+        [--mlserver-python /tmp/mls/bin/python] [--rounds 1] [--json results.json]
 """
 
 from __future__ import annotations
@@ -40,13 +44,14 @@ import platform
 import shlex
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -488,6 +493,7 @@ class Result:
     p50_ms: float
     p90_ms: float
     p99_ms: float
+    round: int = 1
 
     @property
     def rps(self) -> float:
@@ -583,7 +589,7 @@ def _errors(result: Result) -> str:
 
 def _row(r: Result) -> str:
     return (
-        f"| {r.model} | {r.server} | {r.protocol} | {r.batching} | {r.concurrency} "
+        f"| {r.round} | {r.model} | {r.server} | {r.protocol} | {r.batching} | {r.concurrency} "
         f"| {r.rps:,.0f} | {r.rows_per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {_errors(r)} |"
     )
 
@@ -617,7 +623,7 @@ def machine(mlserver_python: str) -> str:
 
 
 def _find(results: list[Result], **match: object) -> Result | None:
-    return next((r for r in results if all(getattr(r, k) == v for k, v in match.items())), None)
+    return next((r for r in results if _matches(r, match)), None)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -626,10 +632,10 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def print_results(results: list[Result]) -> None:
     print(
-        "| model | server | protocol | batching | conc | req/s | rows/s | p50 ms | p99 ms "
-        "| errors |"
+        "| round | model | server | protocol | batching | conc | req/s | rows/s | p50 ms "
+        "| p99 ms | errors |"
     )
-    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for result in results:
         print(_row(result))
     flagged = [r for r in results if r.errors]
@@ -641,8 +647,9 @@ def print_ratios(
     results: list[Result], models: list[str], levels: list[int], batching: list[str]
 ) -> None:
     print(
-        "\nRatios tidegate / MLServer (MLServer: JSON, same batching setting). req/s: higher is "
-        "better for tidegate; latency: lower is better for tidegate.\n"
+        f"\nRound {results[0].round}: ratios tidegate / MLServer (MLServer: JSON, same "
+        "batching setting). req/s: higher is better for tidegate; latency: lower is better "
+        "for tidegate.\n"
     )
     print(
         "| model | batching | conc | req/s JSON | req/s binary | p50 JSON | p50 binary "
@@ -664,12 +671,49 @@ def print_ratios(
                 print(f"| {model} | {mode} | {conc} | " + " | ".join(cells) + " |")
 
 
+def print_headline(results: list[Result], models: list[str], levels: list[int]) -> None:
+    """Per round, tidegate as it ships (batching on, V2 JSON) against MLServer's faster
+    batching setting in that round, cell by cell: p50 and req/s ratios, and their
+    medians over the rounds."""
+    rounds = sorted({r.round for r in results})
+    rows = []
+    for model, conc in itertools.product(models, levels):
+        p50s, rpss = [], []
+        for round_ in rounds:
+            key = {"model": model, "concurrency": conc, "round": round_}
+            ours = _find(results, server="tidegate", protocol="JSON", batching="on", **key)
+            theirs = [r for r in results if r.server == "MLServer" and _matches(r, key)]
+            if ours is None or not theirs:
+                return  # batching on was not measured, or MLServer was not
+            p50s.append(ours.p50_ms / min(r.p50_ms for r in theirs))
+            rpss.append(ours.rps / max(r.rps for r in theirs))
+        by_round = ", ".join(f"{p:.2f} / {q:.2f}" for p, q in zip(p50s, rpss, strict=True))
+        rows.append(
+            f"| {model} | {conc} | {statistics.median(p50s):.2f} | "
+            f"{statistics.median(rpss):.2f} | {by_round} |"
+        )
+    print(
+        "\ntidegate as it ships (batching on, JSON) / MLServer's faster batching setting, "
+        "per round and the median over rounds\n"
+    )
+    print("| model | conc | p50 ratio (median) | req/s ratio (median) | p50 / req/s by round |")
+    print("|---|---:|---:|---:|---|")
+    print("\n".join(rows))
+
+
+def _matches(result: Result, key: dict[str, object]) -> bool:
+    return all(getattr(result, k) == v for k, v in key.items())
+
+
 def print_rss(rss: list[dict[str, object]]) -> None:
     print("\nPeak RSS (VmHWM just before stopping; the server process, all models loaded)\n")
-    print("| server | batching | peak RSS MiB |")
-    print("|---|---|---:|")
+    print("| round | server | batching | peak RSS MiB |")
+    print("|---:|---|---|---:|")
     for entry in rss:
-        print(f"| {entry['server']} | {entry['batching']} | {entry['peak_rss_mib']:.0f} |")
+        print(
+            f"| {entry['round']} | {entry['server']} | {entry['batching']} "
+            f"| {entry['peak_rss_mib']:.0f} |"
+        )
 
 
 def print_batching_gain(results: list[Result], levels: list[int]) -> None:
@@ -710,6 +754,12 @@ def parse_args() -> argparse.Namespace:
         default=os.environ.get("MLSERVER_PYTHON", "/tmp/mls/bin/python"),
         help="python of the venv with mlserver 1.7.1 (env MLSERVER_PYTHON)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure everything this many times, the servers' order alternating",
+    )
     parser.add_argument("--json", type=Path, help="also dump all results to this file")
     return parser.parse_args()
 
@@ -735,18 +785,26 @@ def main() -> None:
     try:
         paths = build_models(models, root / "onnx")
         payloads = [make_payload(m, paths[m], root, seed=INPUT_SEEDS[m]) for m in models]
-        for mode in batching:
-            for name in ("tidegate", "MLServer"):
-                server = start_server(name, root, paths, mode == "on", args.mlserver_python)
+        for round_ in range(1, args.rounds + 1):
+            names = ("tidegate", "MLServer") if round_ % 2 else ("MLServer", "tidegate")
+            folder = root / f"round-{round_}"  # each round's servers on fresh repositories
+            folder.mkdir()
+            for mode, name in itertools.product(batching, names):
+                server = start_server(name, folder, paths, mode == "on", args.mlserver_python)
                 with running(server, models):
-                    results += bench_server(server, payloads, levels, args.duration)
+                    cells = bench_server(server, payloads, levels, args.duration)
+                    results += [replace(cell, round=round_) for cell in cells]
                     peak = peak_rss_mib(server.process.pid)
-                    rss.append({"server": server.name, "batching": mode, "peak_rss_mib": peak})
+                    rss.append(
+                        {"round": round_, "server": name, "batching": mode, "peak_rss_mib": peak}
+                    )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     print_results(results)
-    print_ratios(results, models, levels, batching)
+    for round_ in range(1, args.rounds + 1):
+        print_ratios([r for r in results if r.round == round_], models, levels, batching)
+    print_headline(results, models, levels)
     print_rss(rss)
     print_batching_gain(results, levels)
     print(f"\nTotal wall time {time.monotonic() - started:.0f} s")
