@@ -51,7 +51,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -534,6 +534,7 @@ def measure(
     conc: int,
     seconds: float,
     authorization: str = "",
+    round_: int = 1,
 ) -> Result:
     """A 1 s warm-up, then the measured wrk run."""
     body = payload.binary_file if binary else payload.json_file
@@ -553,11 +554,12 @@ def measure(
         p50_ms=raw["p50_us"] / 1e3,
         p90_ms=raw["p90_us"] / 1e3,
         p99_ms=raw["p99_us"] / 1e3,
+        round=round_,
     )
 
 
 def bench_server(
-    server: Server, payloads: list[Payload], levels: list[int], seconds: float
+    server: Server, payloads: list[Payload], levels: list[int], seconds: float, round_: int = 1
 ) -> list[Result]:
     """Sanity-checks every model, then measures every protocol x concurrency cell."""
     protocols = [False, True] if server.name == "tidegate" else [False]
@@ -568,7 +570,7 @@ def bench_server(
     for payload in payloads:
         for binary in protocols:
             for conc in levels:
-                result = measure(server, payload, binary, conc, seconds)
+                result = measure(server, payload, binary, conc, seconds, round_=round_)
                 print(f"# {_row(result)}", file=sys.stderr)
                 results.append(result)
     return results
@@ -792,8 +794,7 @@ def main() -> None:
             for mode, name in itertools.product(batching, names):
                 server = start_server(name, folder, paths, mode == "on", args.mlserver_python)
                 with running(server, models):
-                    cells = bench_server(server, payloads, levels, args.duration)
-                    results += [replace(cell, round=round_) for cell in cells]
+                    results += bench_server(server, payloads, levels, args.duration, round_)
                     peak = peak_rss_mib(server.process.pid)
                     rss.append(
                         {"round": round_, "server": name, "batching": mode, "peak_rss_mib": peak}
