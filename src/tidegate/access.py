@@ -51,6 +51,14 @@ def required_role(method: str, path: str) -> Role:
     return Role.READER
 
 
+def bearer(headers: Headers) -> str | None:
+    """The request's Authorization header, if it sent one."""
+    for name, value in headers:
+        if name == b"authorization":
+            return value.decode("latin-1")
+    return None
+
+
 def denial(exc: TidegateError) -> tuple[int, Headers, bytes]:
     """The response refusing a request its token does not allow (401 or 403)."""
     status, headers, body = error_parts(exc)
@@ -68,18 +76,13 @@ class AccessGate:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        authorization = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
         method, path = scope["method"], scope["path"]
         if public(method, path):
             await self.app(scope, receive, send)
             return
         try:
             principal = self.auth.authorize(
-                authorization, required_role(method, path), f"{method} {path}"
+                bearer(scope["headers"]), required_role(method, path), f"{method} {path}"
             )
         except TidegateError as exc:
             await respond(send, *denial(exc))

@@ -29,8 +29,8 @@ from typing import Any
 
 from uvicorn.protocols.http.flow_control import FlowControl
 
-from tidegate.access import denial
-from tidegate.auth import AuthFile, Role
+from tidegate.access import bearer, denial, required_role
+from tidegate.auth import AuthFile
 from tidegate.errors import TidegateError
 from tidegate.infer import ClientGone, Headers, InferRouter, body_too_large
 
@@ -153,13 +153,9 @@ class DirectInfer:
 
     async def __call__(self, cycle: DirectCycle) -> None:
         if self.auth is not None:
-            authorization = None
-            for name, value in cycle.headers:
-                if name == b"authorization":
-                    authorization = value.decode("latin-1")
-                    break
+            role = required_role("POST", cycle.path)
             try:
-                self.auth.authorize(authorization, Role.INFERENCE, f"POST {cycle.path}")
+                self.auth.authorize(bearer(cycle.headers), role, f"POST {cycle.path}")
             except TidegateError as exc:
                 await cycle.write(*denial(exc))
                 return

@@ -71,7 +71,7 @@ def body_too_large(limit: int) -> TooLarge:
 
 
 async def read_body(
-    read: "BodyReader", content_length: str | None, content_encoding: str | None, limit: int
+    read: BodyReader, content_length: str | None, content_encoding: str | None, limit: int
 ) -> bytes:
     """The request body, decompressed, refused with 413 as soon as it exceeds `limit`."""
     declared = None if content_length is None else ascii_number(content_length, 30)
