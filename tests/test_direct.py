@@ -50,6 +50,12 @@ class Connection:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def _fill(self) -> bool:
         chunk = self.sock.recv(65536)
         self.buffer += chunk
@@ -106,9 +112,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 @pytest.fixture
 def connection(live: LiveServer) -> Iterator[Connection]:
-    opened = Connection(live.port)
-    yield opened
-    opened.close()
+    with Connection(live.port) as opened:
+        yield opened
 
 
 def test_requests_on_one_connection_are_answered_in_turn(connection: Connection):
@@ -172,15 +177,12 @@ def test_a_connection_not_kept_alive_gets_its_answer_and_a_close(
     live: LiveServer, version: bytes, extra: tuple[bytes, ...]
 ):
     body, expected = wine_body(2)
-    opened = Connection(live.port)
-    try:
+    with Connection(live.port) as opened:
         opened.sock.sendall(post("/v2/models/wine/infer", body, *extra, version=version))
         answer = opened.answer()
         assert_labels(answer, expected)
         assert answer.headers["connection"] == "close"
         assert opened.closed_by_server()
-    finally:
-        opened.close()
 
 
 def test_expect_100_continue_is_answered(connection: Connection):
@@ -222,16 +224,12 @@ def test_bad_bodies_get_a_v2_error_and_the_connection_stays(connection: Connecti
 def test_a_client_leaving_mid_body_leaves_the_server_healthy(live: LiveServer):
     body, expected = wine_body(50)
     for _ in range(20):
-        opened = Connection(live.port)
-        opened.sock.sendall(post("/v2/models/wine/infer", body)[: len(body) // 2])
-        opened.close()
+        with Connection(live.port) as opened:
+            opened.sock.sendall(post("/v2/models/wine/infer", body)[: len(body) // 2])
     time.sleep(0.2)
-    opened = Connection(live.port)
-    try:
+    with Connection(live.port) as opened:
         opened.sock.sendall(post("/v2/models/wine/infer", body))
         assert_labels(opened.answer(), expected)
-    finally:
-        opened.close()
     assert "Traceback" not in live.log()
 
 
@@ -240,8 +238,7 @@ def test_a_body_over_the_limit_gets_413(models_dir: Path, start_server):
     small, expected = wine_body(2)
     large, _ = wine_body(40)
     assert len(small) < 2000 < len(large)
-    opened = Connection(live.port)
-    try:
+    with Connection(live.port) as opened:
         opened.sock.sendall(post("/v2/models/wine/infer", large))
         answer = opened.answer()
         assert answer.status == 413
@@ -249,20 +246,15 @@ def test_a_body_over_the_limit_gets_413(models_dir: Path, start_server):
         if not opened.closed_by_server():  # kept alive: the connection still serves
             opened.sock.sendall(post("/v2/models/wine/infer", small))
             assert_labels(opened.answer(), expected)
-    finally:
-        opened.close()
     assert live.client.get("/v2/health/ready").status_code == 200
 
 
 def test_with_the_access_log_infer_is_answered_and_logged(models_dir: Path, start_server):
     live = start_server(models_dir, "--access-log")
     body, expected = wine_body(2)
-    opened = Connection(live.port)
-    try:
+    with Connection(live.port) as opened:
         opened.sock.sendall(post("/v2/models/wine/infer", body))
         assert_labels(opened.answer(), expected)
-    finally:
-        opened.close()
     deadline = time.monotonic() + 10
     while "POST /v2/models/wine/infer" not in live.log() and time.monotonic() < deadline:
         time.sleep(0.05)
