@@ -103,13 +103,22 @@ class Cell:
         return statistics.median(run[key] for run in self.runs)
 
 
+def payload_inputs(payload: Payload) -> list[tuple[str, str, np.ndarray]]:
+    """The payload's inputs as (name, V2 datatype, array), read back from its JSON."""
+    document = json.loads(payload.json_file.read_text())
+    return [
+        (
+            entry["name"],
+            entry["datatype"],
+            np.asarray(entry["data"], np.float32).reshape(entry["shape"]),
+        )
+        for entry in document["inputs"]
+    ]
+
+
 def write_npz(payload: Payload, folder: Path) -> Path:
     """The payload's row as a .npz (one array per input), for HTTP's binary encoding."""
-    document = json.loads(payload.json_file.read_text())
-    arrays = {
-        entry["name"]: np.asarray(entry["data"], np.float32).reshape(entry["shape"])
-        for entry in document["inputs"]
-    }
+    arrays = {name: data for name, _, data in payload_inputs(payload)}
     path = folder / f"{payload.model}.npz"
     np.savez(path, **arrays)  # type: ignore[arg-type]
     return path
@@ -118,12 +127,10 @@ def write_npz(payload: Payload, folder: Path) -> Path:
 def check_grpc(address: str, payload: Payload, who: str) -> None:
     """Aborts unless the gRPC server's outputs match onnxruntime's (waits up to 60 s for
     the gRPC port to answer)."""
-    document = json.loads(payload.json_file.read_text())
     client = grpcclient.InferenceServerClient(address)
     inputs = []
-    for entry in document["inputs"]:
-        data = np.asarray(entry["data"], np.float32).reshape(entry["shape"])
-        infer_input = grpcclient.InferInput(entry["name"], list(data.shape), entry["datatype"])
+    for name, datatype, data in payload_inputs(payload):
+        infer_input = grpcclient.InferInput(name, list(data.shape), datatype)
         infer_input.set_data_from_numpy(data)
         inputs.append(infer_input)
     deadline = time.monotonic() + 60
@@ -145,11 +152,9 @@ def check_grpc(address: str, payload: Payload, who: str) -> None:
 def record_answers(address: str, payload: Payload, folder: Path) -> tuple[Path, Path]:
     """The serialized ModelMetadata and ModelInfer answers of the gRPC server at
     `address` to the payload's request, as files for grpc_floor.py."""
-    document = json.loads(payload.json_file.read_text())
     request = pb.ModelInferRequest(model_name=payload.model)
-    for entry in document["inputs"]:
-        data = np.asarray(entry["data"], np.float32).reshape(entry["shape"])
-        request.inputs.add(name=entry["name"], datatype=entry["datatype"], shape=data.shape)
+    for name, datatype, data in payload_inputs(payload):
+        request.inputs.add(name=name, datatype=datatype, shape=data.shape)
         request.raw_input_contents.append(data.tobytes())
     with grpc.insecure_channel(address) as channel:
         metadata = channel.unary_unary(f"/{SERVICE}/ModelMetadata")(
