@@ -528,7 +528,7 @@ class DriftMonitor:
         # filled by the request path, emptied by the observer's thread.
         self.input_names = tuple(spec.name for spec in inputs.specs)
         self.output_names = tuple(spec.name for spec in output_specs)
-        self.pending = PendingBatches()
+        self.pending = PendingBatches(len(self.input_names) + len(self.output_names))
         # Held by whoever updates or reads: the observer's thread and the report.
         self.lock = threading.Lock()
 

@@ -8,19 +8,30 @@ the thread does with it must be cheap for the event loop, which competes with it
 for the GIL: joining thousands of small arrays, or a kernel call per request,
 holds the GIL for milliseconds.
 
-So a small batch is copied, on arrival, into the open segment: one preallocated
-array per tensor with room for many batches of the same row shape and dtype.
-The thread then hands each segment to the kernels whole: one extraction and one
-GIL-free kernel pass over a contiguous array, however many requests it holds.
-A batch whose rows do not fit the open segment (another shape, dtype or no room
-left) opens a new one of `SEGMENT_BYTES` (allocated, not touched: a version that
-sees a trickle of traffic holds the pages its rows fill). A large batch (an image batch, at least
-`COPY_BELOW_BYTES`) is not copied: its own arrays become a segment of their own,
-which costs one kernel call, small next to its size.
+So small batches are copied into the open segment: one preallocated array per
+tensor with room for many batches of the same row shape and dtype. The thread
+then hands each segment to the kernels whole: one extraction and one GIL-free
+kernel pass over a contiguous array, however many requests it holds. A batch
+whose rows do not fit the open segment (another shape, dtype or no room left)
+opens a new one of `SEGMENT_BYTES` (allocated, not touched: a version that sees a
+trickle of traffic holds the pages its rows fill). A large batch (an image batch,
+at least `COPY_BELOW_BYTES`) is not copied: its own arrays become a segment of
+their own, which costs one kernel call, small next to its size.
 
-No object per request outlives its request, so waiting batches cost the garbage
-collector nothing. The lock is held for a copy or a swap, never for work. The
-bytes waiting are counted, so that a caller can drain early and bound them.
+The copy is not made per request. A small batch is first staged by reference
+(one list append per tensor: its arrays are the request's own, fresh from
+decoding and from onnxruntime, and nothing writes to them afterwards), and every
+`STAGE_BATCHES` staged batches are copied into the segment in one go, one
+`np.concatenate` per tensor, on the request path that staged the last of them (or
+by `take`). Copying each batch on its own cost a request at concurrency 1 about
+11 us of its 141 us in the server: numpy's assignment machinery runs on caches
+that are cold between requests. Joining on the observer's thread instead moved
+that work, and the freeing of every request's arrays, into bursts that held the
+GIL and raised p99 at concurrency 1 by half or more (benchmarks/RESULTS.md, issue 13).
+
+Arrays are not tracked by the garbage collector, so waiting batches cost it
+nothing. The lock is held for a copy or a swap, never for work. The bytes waiting
+are counted, so that a caller can drain early and bound them.
 """
 
 import threading
@@ -30,7 +41,9 @@ import numpy as np
 
 COPY_BELOW_BYTES = 64 << 10  # a batch this large keeps its own arrays as a segment
 SEGMENT_BYTES = 1 << 20
-SEGMENT_ROWS = 4096  # at most: the kernels' slowest path (labels) is per row
+SEGMENT_ROWS = 4096  # about, at most: the kernels' slowest path (labels) is per row
+# Small batches staged by reference before they are copied into a segment together.
+STAGE_BATCHES = 32
 
 
 @dataclass(slots=True, eq=False)
@@ -58,8 +71,9 @@ class Segment:
     def borrowed(cls, arrays: list[np.ndarray]) -> "Segment":
         return cls(list(arrays), [len(array) for array in arrays], 1, shared=False)
 
-    def add(self, arrays: list[np.ndarray]) -> bool:
-        """Copies a batch in; False (nothing counted) if its rows do not fit."""
+    def add(self, arrays: list[np.ndarray], batches: int = 1) -> bool:
+        """Copies `batches` batches' rows in (one array per tensor, rows joined);
+        False (nothing counted) if they do not fit."""
         if not self.shared:
             return False
         filled = self.filled
@@ -74,7 +88,7 @@ class Segment:
             buffer[used:end] = array
             ends.append(end)
         self.filled = ends
-        self.batches += 1
+        self.batches += batches
         return True
 
     def arrays(self) -> list[np.ndarray]:
@@ -85,10 +99,12 @@ class Segment:
 class PendingBatches:
     """One model version's served batches, waiting in segments (see the module doc)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tensors: int) -> None:
         self._lock = threading.Lock()
         self._segments: list[Segment] = []
         self._open: Segment | None = None
+        self._staged: list[list[np.ndarray]] = [[] for _ in range(tensors)]  # per tensor
+        self._staged_batches = 0
         self.batches = 0
         self.nbytes = 0
 
@@ -98,6 +114,8 @@ class PendingBatches:
     def append(self, arrays: list[np.ndarray], capacity: int, max_bytes: int) -> bool:
         """Adds one batch's arrays (one per tensor, rows on axis 0; a 0-d array is one
         row); False when `capacity` batches or `max_bytes` bytes would wait."""
+        if len(arrays) != len(self._staged):  # checked first: the staged stay aligned
+            raise ValueError(f"a batch of {len(arrays)} tensors, not {len(self._staged)}")
         size = 0
         for i, array in enumerate(arrays):
             if not array.ndim:
@@ -107,18 +125,49 @@ class PendingBatches:
             if self.batches >= capacity or self.nbytes + size > max_bytes:
                 return False
             if size >= COPY_BELOW_BYTES:
+                self._copy_staged()  # the staged ones first, as they came
                 self._segments.append(Segment.borrowed(arrays))
-            elif self._open is None or not self._open.add(arrays):
-                self._open = Segment.allocate(arrays)
-                self._open.add(arrays)
-                self._segments.append(self._open)
+            else:
+                for column, array in zip(self._staged, arrays, strict=False):
+                    column.append(array)
+                self._staged_batches += 1
+                if self._staged_batches >= STAGE_BATCHES:
+                    self._copy_staged()
             self.batches += 1
             self.nbytes += size
         return True
 
+    def _copy_staged(self) -> None:
+        """Copies the staged batches into segments: joined, one copy per tensor, when
+        their row shapes and dtypes agree, else one at a time. The lock is held."""
+        if not self._staged_batches:
+            return
+        staged, batches = self._staged, self._staged_batches
+        self._staged = [[] for _ in staged]
+        self._staged_batches = 0
+        try:
+            # casting="no": a batch of another dtype fails the join rather than widen the rest.
+            joined = [
+                np.concatenate(column, dtype=column[0].dtype, casting="no") for column in staged
+            ]
+        except (ValueError, TypeError):  # row shapes or dtypes differ
+            joined = None
+        if joined is not None and len(joined[0]) <= SEGMENT_ROWS:
+            self._add(joined, batches)
+            return
+        for batch in zip(*staged, strict=True):  # in segments of about SEGMENT_ROWS
+            self._add(list(batch), 1)
+
+    def _add(self, arrays: list[np.ndarray], batches: int) -> None:
+        if self._open is None or not self._open.add(arrays, batches):
+            self._open = Segment.allocate(arrays)
+            self._open.add(arrays, batches)
+            self._segments.append(self._open)
+
     def take(self) -> list[Segment]:
         """Everything waiting, leaving nothing behind."""
         with self._lock:
+            self._copy_staged()
             taken, self._segments, self._open = self._segments, [], None
             self.batches = self.nbytes = 0
         return taken
