@@ -117,8 +117,11 @@ def connection(live: LiveServer) -> Iterator[Connection]:
 
 
 def test_requests_on_one_connection_are_answered_in_turn(connection: Connection):
-    for start in range(0, 50, 5):
-        body, expected = wine_body(5, start)
+    """Forty in turn: each arrives alone and is answered within its read, but every
+    16th is queued to look for company (`batcher.PROBE_EVERY`) and waits for its run
+    in a task (`eager`)."""
+    for start in range(0, 40 * 3, 3):
+        body, expected = wine_body(3, start)
         connection.sock.sendall(post("/v2/models/wine/infer", body))
         answer = connection.answer()
         assert_labels(answer, expected)

@@ -30,6 +30,7 @@ LAYERS = {
         "auth",
         "jsonlog",
         "pending",
+        "eager",
         "supervisor",
         "exposure",
         # The gRPC protocol's definitions: protoc's output and the pool it registers in.

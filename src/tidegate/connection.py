@@ -48,6 +48,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tidegate.direct import DirectCycle, DirectInfer, response_bytes
+from tidegate.eager import run_eagerly
 from tidegate.errors import BadRequest, HeadersTooLarge, TidegateError, UriTooLong
 from tidegate.infer import error_parts, infer_target
 
@@ -118,6 +119,7 @@ class HttpProtocol(HttpToolsProtocol):
     _in_head = False
     _fits = True
     _head_reads = 0
+    _ready: DirectCycle | None = None  # a direct cycle to start once the read is parsed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw_transport = transport  # a direct cycle writes whole responses: no joining
@@ -138,14 +140,17 @@ class HttpProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # as uvicorn: tidegate serves no WebSocket
+            self._start_ready(eager=False)
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
             return
         except httptools.HttpParserError as exc:
+            self._start_ready(eager=False)
             self._refuse(_refusal(exc))
             return
+        self._start_ready(eager=True)
         if in_head and self._in_head:  # the whole read is part of one head
             self._head_reads += len(data)
             if self._head_reads > 2 * self.max_header_bytes:
@@ -171,10 +176,28 @@ class HttpProtocol(HttpToolsProtocol):
         existing = self.cycle
         self.cycle = cycle  # type: ignore[assignment]
         if existing is None or existing.response_complete:
-            self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
+            self._ready = cycle  # started once the read is parsed, its body most likely in it
         else:
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))  # type: ignore[arg-type]
+
+    def _start_ready(self, eager: bool) -> None:
+        """Starts the direct cycle whose head this read completed, if any: at once when
+        its whole body came too and no other infer request is being answered
+        (`run_eagerly`), else as a task, as uvicorn would. Under load requests wait
+        for their batch anyway, and a task driving a coroutine that began outside it
+        costs each of them more than the loop turn it would save."""
+        cycle = self._ready
+        if cycle is None:
+            return
+        self._ready = None
+        if not (eager and cycle.answer.idle) or cycle.more_body or self.config.reset_contextvars:
+            self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
+            return
+        task = run_eagerly(cycle.run_asgi(self.app), self.loop)
+        if task is not None:
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
 
     def _direct_cycle(self) -> DirectCycle | None:
         """A `DirectCycle` for a POST to an infer endpoint; None for what takes uvicorn's

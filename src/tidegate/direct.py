@@ -11,7 +11,8 @@ a fixed response used 62 us of server CPU per request, a bare httptools protocol
 `DirectInfer` answers it: the access check (the inference role) and then
 `InferRouter.answer`, the same answer as on the ASGI path (request log, statistics,
 drift), reading the body straight from the cycle and writing the whole response in
-one write. One task per request, as before; no messages.
+one write. No messages; and a request that arrives alone, its body with it, is
+answered at once, within the read, without a task of its own (see `eager`).
 
 A `DirectCycle` stands where uvicorn's `RequestResponseCycle` would and has the
 attributes uvicorn's protocol uses (`body`, `more_body`, `message_event`,
@@ -150,6 +151,12 @@ class DirectInfer:
     def __init__(self, router: InferRouter, auth: AuthFile | None) -> None:
         self.router = router
         self.auth = auth
+
+    @property
+    def idle(self) -> bool:
+        """Whether no infer request is being answered: one arriving now is alone, and
+        most likely runs without waiting for anything (see `run_eagerly`)."""
+        return not self.router.in_flight
 
     async def __call__(self, cycle: DirectCycle) -> None:
         if self.auth is not None:
