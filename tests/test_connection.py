@@ -15,6 +15,7 @@ import tritonclient.http as httpclient
 
 from tests.conftest import LiveServer, serving_a_copy
 from tests.shipped import ShippedVersion, reference_rows
+from tidegate.connection import _KNOWN_TARGETS, _infer_targets, infer_path
 
 READY = b"GET /v2/health/ready HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
 
@@ -171,3 +172,20 @@ def test_the_limits_are_options_of_serve(models_dir: Path, start_server):
     assert probabilities is not None
     assert np.isclose(probabilities.sum(), 1.0)
     triton.close()
+
+
+def test_infer_paths_are_parsed_once_and_remembered_within_a_bound():
+    """`infer_path` decodes a target's path and tells infer paths apart; it remembers
+    what it parsed, but never more than its bound, however many targets clients send."""
+    assert infer_path(b"/v2/models/wine/infer") == ("/v2/models/wine/infer", ("wine", None))
+    assert infer_path(b"/v2/models/wine/versions/2/infer?x=1") == (
+        "/v2/models/wine/versions/2/infer",
+        ("wine", "2"),
+    )
+    assert infer_path(b"/v2/models/w%20ine/infer") == ("/v2/models/w ine/infer", ("w ine", None))
+    assert infer_path(b"/v2/models/wine/ready") == ("/v2/models/wine/ready", None)
+    assert infer_path(b"/v2/models/wine/infer") is infer_path(b"/v2/models/wine/infer")
+    for index in range(3 * _KNOWN_TARGETS):
+        target = f"/v2/models/m{index}/infer".encode()
+        assert infer_path(target) == (target.decode(), (f"m{index}", None))
+        assert len(_infer_targets) <= _KNOWN_TARGETS

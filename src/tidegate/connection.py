@@ -157,7 +157,11 @@ class HttpProtocol(HttpToolsProtocol):
                 self._refuse(self._head_error() or self._headers_too_large(""))
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        # uvicorn's, less the ASGI scope, which only a request taking the ASGI cycle
+        # needs: built in `on_headers_complete` once the request is known to take it.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._in_head = True
         self._fits = self._read_size <= self.max_header_bytes
         self._head_reads = 0
@@ -170,6 +174,7 @@ class HttpProtocol(HttpToolsProtocol):
                 raise error
         cycle = self._direct_cycle()
         if cycle is None:
+            self._build_scope()
             super().on_headers_complete()
             return
         # As uvicorn starts its own cycles: at once, or after the pipelined one before.
@@ -180,6 +185,14 @@ class HttpProtocol(HttpToolsProtocol):
         else:
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))  # type: ignore[arg-type]
+
+    def _build_scope(self) -> None:
+        """The ASGI scope uvicorn's `on_message_begin` builds, for the request whose
+        head is complete (its URL and headers kept)."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
 
     def _start_ready(self, eager: bool) -> None:
         """Starts the direct cycle whose head this read completed, if any: at once when
@@ -212,10 +225,7 @@ class HttpProtocol(HttpToolsProtocol):
             or parser.should_upgrade()
         ):
             return None
-        path = httptools.parse_url(self.url).path.decode("ascii")
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        target = infer_target(path)
+        path, target = infer_path(self.url)
         if target is None:
             return None
         return DirectCycle(
@@ -262,6 +272,26 @@ class HttpProtocol(HttpToolsProtocol):
         headers = [*self.server_state.default_headers, *headers]
         self.transport.write(response_bytes(status, headers, body, close=True))
         self.transport.close()
+
+
+# The request targets seen last, and their infer paths: a client sends the same few
+# again and again, and parsing one costs more than looking it up.
+_KNOWN_TARGETS = 256
+_infer_targets: dict[bytes, tuple[str, tuple[str, str | None] | None]] = {}
+
+
+def infer_path(url: bytes) -> tuple[str, tuple[str, str | None] | None]:
+    """A request target's decoded path, and (model, version) if it is an infer path;
+    remembered for the last `_KNOWN_TARGETS` targets."""
+    known = _infer_targets.get(url)
+    if known is None:
+        path = httptools.parse_url(url).path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        if len(_infer_targets) >= _KNOWN_TARGETS:
+            _infer_targets.clear()
+        known = _infer_targets[url] = (path, infer_target(path))
+    return known
 
 
 def _refusal(exc: httptools.HttpParserError) -> TidegateError:
