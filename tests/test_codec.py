@@ -263,3 +263,34 @@ def test_empty_batch_is_allowed():
         {"inputs": [{"name": "x", "datatype": "INT32", "shape": [0, 3], "data": []}]}
     )
     assert decode_request(body, None, _meta("INT32")).inputs["x"].shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ("1,3", "shape must be a list of non-negative integers"),
+        ([1, -3], "shape must be a list of non-negative integers"),
+        ([1, 3.0], "shape must be a list of non-negative integers"),
+        ([True, 3], "shape must be a list of non-negative integers"),
+        ([1, 2], "shape [1, 2] does not fit the model's shape [-1, 3]"),
+        ([3], "shape [3] does not fit the model's shape [-1, 3]"),
+        ([1, 3, 1], "shape [1, 3, 1] does not fit the model's shape [-1, 3]"),
+    ],
+)
+def test_a_shape_that_is_not_the_models_is_named(shape: object, words: str):
+    body = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": [1, 2, 3]}]}
+    )
+    with pytest.raises(BadRequest) as refused:
+        decode_request(body, None, _meta("FP32"))
+    assert refused.value.message.endswith(words)
+
+
+def test_a_batch_over_the_largest_is_refused_and_one_at_it_is_not():
+    meta = _meta("FP32")
+    at_limit = {"name": "x", "datatype": "FP32", "shape": [4, 3], "data": list(range(12))}
+    decoded = decode_request(orjson.dumps({"inputs": [at_limit]}), None, meta, max_batch_size=4)
+    assert decoded.inputs["x"].shape == (4, 3)
+    over = {**at_limit, "shape": [5, 3], "data": list(range(15))}
+    with pytest.raises(BadRequest, match="batch size 5 is over the model's max_batch_size 4"):
+        decode_request(orjson.dumps({"inputs": [over]}), None, meta, max_batch_size=4)

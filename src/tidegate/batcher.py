@@ -58,7 +58,7 @@ SINGLES_TO_STOP = 4  # dispatches in a row that find a request alone: stop joini
 IDLE_INLINE_FACTOR = 4  # how much longer a lone run may be inline while the pool is idle
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: see `codec.InferRequest`
 class BatchResult:
     """One request's share of a batch run."""
 

@@ -50,7 +50,7 @@ def _variant(policy: TrafficPolicy, version: int, stable: int) -> Variant:
     return STABLE if version == stable else OTHER
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)  # not frozen: see `codec.InferRequest`
 class Served(Generic[Payload]):
     """An answered request: its encoded answer, and what is left to do once it is sent."""
 
