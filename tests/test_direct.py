@@ -262,3 +262,37 @@ def test_with_the_access_log_infer_is_answered_and_logged(models_dir: Path, star
     while "POST /v2/models/wine/infer" not in live.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert 'POST /v2/models/wine/infer HTTP/1.1" 200' in live.log()
+
+
+def test_an_idle_connection_closes_after_the_keep_alive_timeout(models_dir: Path, start_server):
+    """Closed by the server `--keep-alive-timeout` seconds after its last response,
+    not before; a connection in use stays open however long it lives, whether its
+    requests are answered directly (infer) or through the ASGI cycle (metadata), and
+    so does one whose request takes longer than the timeout to arrive."""
+    live = start_server(models_dir, "--keep-alive-timeout", "1")
+    body, expected = wine_body(2)
+    metadata = b"GET /v2/models/wine HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with Connection(live.port) as busy:
+        started = time.monotonic()
+        index = 0
+        while time.monotonic() - started < 2.5:  # over twice the timeout, in use
+            if index % 2:
+                busy.sock.sendall(metadata)
+                assert busy.answer().status == 200
+            else:
+                busy.sock.sendall(post("/v2/models/wine/infer", body))
+                assert_labels(busy.answer(), expected)
+            answered = time.monotonic()
+            index += 1
+            time.sleep(0.3)
+        # A request whose body is slower to come than the timeout is not idleness.
+        request = post("/v2/models/wine/infer", body)
+        busy.sock.sendall(request[:-10])
+        time.sleep(1.5)
+        busy.sock.sendall(request[-10:])
+        assert_labels(busy.answer(), expected)
+        answered = time.monotonic()
+        busy.sock.settimeout(5)
+        assert busy.closed_by_server()  # blocks until the server closes it
+        idle = time.monotonic() - answered
+    assert 0.9 <= idle < 2.0, f"closed after {idle:.2f} s idle, the timeout is 1 s"

@@ -37,7 +37,7 @@ from tidegate.cli_rollout import (
     rollout,
     traffic,
 )
-from tidegate.config import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
+from tidegate.config import DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
 
 if TYPE_CHECKING:
     from tidegate.client import ControlClient, IndexRow, ServerMetadata
@@ -78,6 +78,13 @@ def main() -> None:
     show_default=True,
     type=click.IntRange(1),
     help="Most header fields in a request; more get 431.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=DEFAULT_KEEP_ALIVE_S,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Seconds an idle connection stays open after its last response.",
 )
 @click.option(
     "--threads",
@@ -164,6 +171,7 @@ def serve(
     max_body_size: int,
     max_header_size: int,
     max_headers: int,
+    keep_alive_timeout: int,
     threads: int | None,
     poll_interval: float | None,
     state_dir: Path | None,
@@ -190,6 +198,7 @@ def serve(
         max_body_bytes=max_body_size,
         max_header_bytes=max_header_size,
         max_headers=max_headers,
+        keep_alive_s=keep_alive_timeout,
         poll_interval=poll_interval,
         log_level=log_level,
         log_format=log_format,

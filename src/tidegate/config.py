@@ -28,6 +28,7 @@ DEFAULT_INLINE_BELOW_US = 50
 # long bearer tokens.
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_MAX_HEADERS = 100
+DEFAULT_KEEP_ALIVE_S = 5  # uvicorn's default
 # Seconds gRPC calls in flight get at shutdown, after HTTP's drain (a supervisor waits
 # for both before it kills a worker).
 GRPC_GRACE_S = 30.0
@@ -151,6 +152,7 @@ class ServerConfig:
     # Over these a request gets 431 (a target alone over the bytes, 414): see `connection`.
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
+    keep_alive_s: int = DEFAULT_KEEP_ALIVE_S  # an idle connection's life after a response
     # Threads that run onnxruntime batches, one batch each at a time. Half the cores:
     # the event loop needs the rest. On 2 cores one thread beat two for every model
     # measured, at concurrency 1 and 64 (benchmarks/bench_threads.py).

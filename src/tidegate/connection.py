@@ -120,19 +120,56 @@ class HttpProtocol(HttpToolsProtocol):
     _fits = True
     _head_reads = 0
     _ready: DirectCycle | None = None  # a direct cycle to start once the read is parsed
+    # When the last response left, while no request is arriving; the keep-alive timer.
+    _idle_since: float | None = None
+    _idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw_transport = transport  # a direct cycle writes whole responses: no joining
         super().connection_made(_OneWriteTransport(transport))  # type: ignore[arg-type]
 
     def on_response_complete(self) -> None:
+        """uvicorn's, but for its keep-alive timeout (see `_keep_alive_check`)."""
         transport = self.transport
         if isinstance(transport, _OneWriteTransport):
             transport.flush()  # a HEAD response, or a body-less one, wrote no body
-        super().on_response_complete()
+        self.server_state.total_requests += 1
+        if transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_check)
+
+    def _keep_alive_check(self) -> None:
+        """Closes the connection once it has been idle `timeout_keep_alive` seconds since
+        its last response, as uvicorn does; else looks again when it could be.
+
+        uvicorn arms a timer after every response and cancels it when the next request
+        arrives; at concurrency 1 that pair cost 8 us of a 117 us round trip on this
+        project's benchmark machine. Here a request arriving only clears `_idle_since`,
+        and one timer per idle stretch does the rest."""
+        self._idle_timer = None
+        if self._idle_since is None:
+            return  # a request is arriving or being answered: its response re-arms
+        left = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._keep_alive_check)
+        else:
+            self.timeout_keep_alive_handler()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def data_received(self, data: bytes) -> None:
-        self._unset_keepalive_if_required()
+        self._idle_since = None  # no longer idle (see `_keep_alive_check`)
         self._read_size = len(data)
         in_head = self._in_head
         if in_head:

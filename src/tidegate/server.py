@@ -46,6 +46,7 @@ def serve(
         http=protocol_class(
             config.max_header_bytes, config.max_headers, None if access_log else app.direct_infer
         ),
+        timeout_keep_alive=config.keep_alive_s,
         lifespan="on",
         access_log=access_log,
         log_level=config.log_level,
