@@ -1,6 +1,6 @@
 """The V2 protocol over gRPC (`inference.GRPCInferenceService`), beside HTTP.
 
-Served by grpcio's asyncio server on the event loop that serves HTTP, so a
+Served by `tidegate.grpc_wire` (its own HTTP/2) on the event loop that serves HTTP, so a
 request of either transport goes through the same `serving.InferenceCore`: one
 batcher per version, one traffic policy, one drift state, one set of statistics.
 Loads and unloads go through the control plane as over HTTP (every worker,
@@ -13,13 +13,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tidegate import __version__, grpc_codec
 from tidegate.auth import AuthFile, Role
@@ -36,6 +36,7 @@ from tidegate.errors import (
     Unauthorized,
 )
 from tidegate.executor import InferenceExecutor
+from tidegate.grpc_wire import GrpcServer
 from tidegate.proto import POOL, grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
 from tidegate.protocol import ascii_number
 from tidegate.registry import Deployment
@@ -336,26 +337,21 @@ def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
 
 async def start(
     service: InferenceService, host: str, port: int, max_message_bytes: int
-) -> grpc.aio.Server:
+) -> GrpcServer:
     """The gRPC server on `host:port` (SO_REUSEPORT, as HTTP: every worker binds it),
     with the standard health service and server reflection."""
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 1),
-    ]
-    server = grpc.aio.server(options=options)
+    server = GrpcServer(max_message_bytes)
     server.add_generic_rpc_handlers((_handlers(service),))
+    # The generated registration functions use only the two methods GrpcServer has.
+    registry = cast(grpc.aio.Server, server)
     checks = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    health_pb2_grpc.add_HealthServicer_to_server(checks, registry)
     # tidegate's messages live in their own descriptor pool (see `tidegate.proto`).
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=POOL
+    names = (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # type: ignore[no-untyped-call]
+        reflection.aio.ReflectionServicer(names, pool=POOL), registry
     )
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"cannot serve gRPC on {address}")
-    await server.start()
+    await server.start(host, port)
     for name in ("", SERVICE):
         await checks.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server
