@@ -7,9 +7,9 @@ logistic regression, one row per request) at once from four servers on 127.0.0.1
   * tidegate, the same, gRPC off (`--grpc-port 0`);
   * MLServer, adaptive batching off and on (its settings as in bench_vs_mlserver.py,
     gRPC on the free `grpc_port` its settings.json names);
-  * grpcio's floor, asyncio and threads (grpc_floor.py): grpcio answering the bytes
-    tidegate answered, nothing else, the least any Python gRPC server built on it
-    could cost here.
+  * grpcio's floor (grpc_floor.py, asyncio): grpc.aio on uvloop answering the bytes
+    tidegate answered, nothing else: the least a server on grpc.aio (MLServer's;
+    tidegate's gRPC until it got its own HTTP/2, `tidegate.http2`) could cost here.
 Every gRPC server's answer is first checked against onnxruntime run here
 (tritonclient.grpc); a mismatch aborts. Then, for each round, every cell in turn (the
 order reversed every other round), each a `tidegate bench` subprocess with a 1 s
@@ -81,7 +81,7 @@ from tidegate.proto import grpc_service_pb2 as pb
 MODEL = "tabular"
 LEVELS = (1, 64)
 WARMUP_SECONDS = 1.0
-FLOORS = ("asyncio", "threads")  # grpc_floor.py's modes
+FLOORS = ("asyncio",)  # grpc_floor.py's modes measured (its threaded one costs as much)
 FLOOR_SCRIPT = Path(__file__).resolve().parent / "grpc_floor.py"
 
 
@@ -313,7 +313,9 @@ def print_ratios(cells: list[Cell]) -> None:
         f"{best_1.label.split(', ')[1]} | {p50:.2f}x | <= 0.5x: "
         f"{'met' if p50 <= 0.5 else 'missed'} |"
     )
-    print("\nThe floors against the same MLServer figures: what no server on grpcio beats\n")
+    print(
+        "\ngrpcio's floor against the same MLServer figures: the least a server on grpc.aio costs\n"
+    )
     print("| floor | req/s at c=64 | ratio | p50 ms at c=1 | ratio |")
     print("|---|---:|---:|---:|---:|")
     for mode in FLOORS:

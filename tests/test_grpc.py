@@ -260,6 +260,27 @@ def test_fuzzed_messages_get_an_error_status_and_the_server_stays_healthy(live, 
     assert client.is_server_ready()
 
 
+def test_a_method_the_server_lacks_is_unimplemented(live, client):
+    with grpc.insecure_channel(live.grpc_url) as channel:  # type: ignore[attr-defined]
+        call = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryStatus")
+        with pytest.raises(grpc.RpcError) as raised:
+            call(b"", timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "CudaSharedMemoryStatus" in raised.value.details()
+    assert client.is_server_ready()
+
+
+def test_a_compressed_call_is_unimplemented_and_an_uncompressed_one_answers(stub):
+    request = service_pb2.ModelInferRequest(model_name="wine")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 13])
+    request.raw_input_contents.append(np.zeros((1, 13), np.float32).tobytes())
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ModelInfer(request, compression=grpc.Compression.Gzip, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "compressed" in raised.value.details()
+    assert stub.ModelInfer(request, timeout=10).model_name == "wine"
+
+
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     root = tmp_path_factory.mktemp("grpc-auth")

@@ -38,8 +38,8 @@ def check_exposure(config: ServerConfig) -> None:
 
 
 def check_grpc_port(config: ServerConfig) -> None:
-    """Refuses at once, by name, a gRPC port another program holds: grpcio would
-    only fail later, inside the server's start-up, with a traceback. A port held by
+    """Refuses at once, by name, a gRPC port another program holds: the gRPC server
+    would only fail later, inside the server's start-up, after the models loaded. A port held by
     tidegate's own workers (SO_REUSEPORT, the same user) is free to share."""
     if not config.grpc_port:
         return
