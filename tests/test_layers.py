@@ -33,6 +33,8 @@ LAYERS = {
         "eager",
         "supervisor",
         "exposure",
+        # HTTP/2 framing for the gRPC transport, on hpack alone.
+        "http2",
         # The gRPC protocol's definitions: protoc's output and the pool it registers in.
         "proto",
         "proto.grpc_service_pb2",
@@ -56,6 +58,7 @@ LAYERS = {
         "peers",
         "metrics_merge",
         "grpc_codec",
+        "grpc_wire",
     },
     2: {
         "batcher",
@@ -112,7 +115,15 @@ OWNERS = {
     "orjson": {"codec", "infer", "v2", "workload", "bench", "requestlog"},
     # The gRPC transport: the generated protocol code, its server and its codec, and
     # the load generator's client.
-    "grpc": {"proto.grpc_service_pb2_grpc", "grpc_server", "grpc_codec", "loadgen_grpc"},
+    "grpc": {
+        "proto.grpc_service_pb2_grpc",
+        "grpc_server",
+        "grpc_codec",
+        "grpc_wire",
+        "loadgen_grpc",
+    },
+    # HTTP/2 header compression, for the gRPC transport's own HTTP/2.
+    "hpack": {"http2"},
     # google.protobuf, the messages' runtime.
     "google": {
         "proto",

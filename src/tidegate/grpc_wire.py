@@ -27,7 +27,11 @@ log = logging.getLogger(__name__)
 
 Metadata = tuple[tuple[str, str | bytes], ...]
 
-RESPONSE_HEADERS = b"\x88" + http2.encode_headers([(b"content-type", b"application/grpc")])
+# `:status 200` (the static table's 8th entry), the content type, and that messages
+# come uncompressed (what a client that sent a compressed call is told).
+RESPONSE_HEADERS = b"\x88" + http2.encode_headers(
+    [(b"content-type", b"application/grpc"), (b"grpc-accept-encoding", b"identity")]
+)
 _NOT_GRPC = b"\x08\x03415"  # `:status 415` (a literal of the static table's :status)
 _RESERVED = frozenset(
     (b"te", b"content-type", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding")

@@ -382,6 +382,8 @@ class Http2Connection(asyncio.Protocol):
         except HPACKError as exc:
             raise ConnectionFault(ErrorCode.COMPRESSION_ERROR, f"HPACK: {exc}") from exc
         end_stream = bool(flags & END_STREAM)
+        if stream_id % 2 == 0:
+            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a client's stream id must be odd")
         if stream_id <= self._last_stream_id:  # trailers of a request (gRPC sends none)
             stream = self._open_stream(stream_id)
             if stream is None:
@@ -393,8 +395,6 @@ class Http2Connection(asyncio.Protocol):
             stream.listener.data(b"", True)
             self._forget_if_done(stream)
             return
-        if stream_id % 2 == 0:
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a client's stream id must be odd")
         self._last_stream_id = stream_id
         if self._going_away or len(self._streams) >= STREAMS_AT_ONCE:
             raise StreamFault(stream_id, ErrorCode.REFUSED_STREAM)
@@ -433,7 +433,9 @@ class Http2Connection(asyncio.Protocol):
             raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a WINDOW_UPDATE of 4 bytes")
         increment = int.from_bytes(payload, "big") & LARGEST_WINDOW
         if not stream_id:
-            if not increment or self._send_window + increment > LARGEST_WINDOW:
+            if not increment:
+                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
+            if self._send_window + increment > LARGEST_WINDOW:
                 raise ConnectionFault(ErrorCode.FLOW_CONTROL_ERROR, "a bad connection window")
             self._send_window += increment
             self._unblock()
@@ -538,12 +540,13 @@ class Http2Connection(asyncio.Protocol):
             else:
                 allowed = min(self._send_window, stream.send_window, self._peer_frame_size)
                 if len(payload) > allowed:
-                    if allowed > 0:
-                        self._send(frame(DATA, 0, stream.id, bytes(payload[:allowed])))
-                        queue[0] = (DATA, payload[allowed:], end)
-                        self._spent(stream, allowed)
-                    self._blocked[stream.id] = stream
-                    return
+                    if allowed <= 0:
+                        self._blocked[stream.id] = stream
+                        return
+                    self._send(frame(DATA, 0, stream.id, bytes(payload[:allowed])))
+                    queue[0] = (DATA, payload[allowed:], end)
+                    self._spent(stream, allowed)
+                    continue  # more frames while the windows allow
                 self._send(frame(DATA, END_STREAM if end else 0, stream.id, bytes(payload)))
                 self._spent(stream, len(payload))
             queue.popleft()
