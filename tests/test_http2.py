@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TypeVar
 
+import grpc
 import h2.config
 import h2.connection
 import h2.events
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
-from hpack import Encoder, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -122,6 +123,14 @@ class Answer:
     @property
     def done(self) -> bool:
         return self.ended or self.reset is not None
+
+    def status(self) -> tuple[grpc.StatusCode, str]:
+        """The call's status and message: from the trailers, or from the headers of a
+        trailers-only answer."""
+        assert self.ended, f"reset with {self.reset}" if self.reset is not None else "not ended"
+        fields = self.trailers or self.headers
+        code = next(c for c in grpc.StatusCode if str(c.value[0]) == fields["grpc-status"])
+        return code, fields.get("grpc-message", "")
 
     def response(self) -> service_pb2.ModelInferResponse:
         """The ModelInfer response of a call that succeeded: :status 200, one message,
@@ -263,12 +272,15 @@ class Client:
         content_type: str = "application/grpc",
         end: bool = True,
         headers_as: Callable[[HeadersFrame], list[Frame]] | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> int:
-        """Opens a stream with a request's HEADERS (sent as `headers_as` rewrites h2's
-        frame, if given), then sends `message` as its body; returns the stream id."""
+        """Opens a stream with a request's HEADERS and `metadata` (sent as `headers_as`
+        rewrites h2's frame, if given), then sends `message` as its body; returns the
+        stream id."""
         stream_id = self.conn.get_next_available_stream_id()
         self.answers[stream_id] = Answer()
-        self.conn.send_headers(stream_id, _request_headers(self.authority, path, content_type))
+        headers = _request_headers(self.authority, path, content_type) + list(metadata)
+        self.conn.send_headers(stream_id, headers)
         if headers_as is None:
             self.flush()
         else:
@@ -308,9 +320,12 @@ class Client:
         *,
         content_type: str = "application/grpc",
         headers_as: Callable[[HeadersFrame], list[Frame]] | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> Answer:
         """A whole call: its answer once the stream ended."""
-        stream_id = self.start(message, content_type=content_type, headers_as=headers_as)
+        stream_id = self.start(
+            message, content_type=content_type, headers_as=headers_as, metadata=metadata
+        )
         answer = self.answers[stream_id]
         self.pump(lambda: answer.done, f"the answer on stream {stream_id}")
         return answer
@@ -751,3 +766,105 @@ def test_a_client_goaway_lets_calls_in_flight_finish_then_closes(live: LiveServe
         client.pump(lambda: answer.done, "the call in flight")
         client.pump(lambda: client.closed, "the server closing the connection")
     _assert_wine(answer.response(), rows)
+
+
+def _indexed_literal(static_index: int, value: bytes) -> bytes:
+    """HPACK's literal field with incremental indexing, its name from the static table:
+    the server's decoder adds it to the dynamic table at index 62."""
+    return bytes((0x40 | static_index, len(value))) + value
+
+
+def test_a_repeated_header_block_follows_the_dynamic_table_it_refers_to(
+    live: LiveServer,
+) -> None:
+    # The same bytes of indexed fields alone, sent twice, name two methods: the entries
+    # they refer to moved in between. The server decodes such a repeated block once and
+    # keeps it; what it kept must not outlive a change of the table.
+    check, nope = b"/grpc.health.v1.Health/Check", b"/grpc.health.v1.Health/Nope"
+    post_http = b"\x83\x86"  # :method POST, :scheme http (the static table's 3 and 6)
+    first = post_http + _indexed_literal(4, check) + _indexed_literal(31, b"application/grpc")
+    repeated = post_http + b"\xbf\xbe"  # dynamic 63 and 62: the path, the content type
+    moved = post_http + _indexed_literal(4, nope) + b"\xbf"  # the content type, now 63
+    blocks = [first, repeated, moved, repeated]
+    empty_message = _message(b"")  # a HealthCheckRequest of no fields: the whole server
+    requests = [
+        _serialized(
+            HeadersFrame(stream_id, data=block, flags=["END_HEADERS"]),
+            DataFrame(stream_id, data=empty_message, flags=["END_STREAM"]),
+        )
+        for stream_id, block in zip((1, 3, 5, 7), blocks, strict=True)
+    ]
+    frames, closed = _exchange(
+        live,
+        PREFACE
+        + SettingsFrame(0).serialize()
+        + b"".join(requests)
+        + GoAwayFrame(0, last_stream_id=0, error_code=0).serialize(),
+    )
+    assert closed
+    decoder = Decoder()  # the server's blocks are literals never indexed: one decoder reads all
+    ends = {
+        frame.stream_id: dict(decoder.decode(frame.data))
+        for frame in frames
+        if isinstance(frame, HeadersFrame) and "END_STREAM" in frame.flags
+    }
+    assert {stream: ends[stream]["grpc-status"] for stream in (1, 3, 5, 7)} == {
+        1: "0",
+        3: "0",
+        5: "12",
+        7: "12",
+    }
+    assert ends[7]["grpc-message"] == f"Method not found: {nope.decode()}"
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ((("grpc-timeout", "soon"),), "a malformed grpc-timeout: b'soon'"),
+        ((("grpc-timeout", "123456789S"),), "a malformed grpc-timeout: b'123456789S'"),
+        ((("x-key-bin", "abcde"),), "binary metadata 'x-key-bin' is not base64"),
+    ],
+)
+def test_malformed_call_headers_end_the_call_not_the_connection(
+    live: LiveServer, metadata: tuple[tuple[str, str], ...], message: str
+) -> None:
+    rows = _rows(3, 20)
+    with Client(live) as client:
+        answer = client.call(_request(rows), metadata=metadata)
+        assert answer.status() == (grpc.StatusCode.INTERNAL, message)
+        assert not answer.data
+        # The connection serves the next call, and well-formed metadata passes.
+        answer = client.call(_request(rows), metadata=(("x-key-bin", "YWJj"),))
+        _assert_wine(answer.response(), rows)
+
+
+def test_a_call_past_its_grpc_timeout_is_deadline_exceeded(live: LiveServer) -> None:
+    rows = _rows(4, 30)
+    message = _request(rows)
+    with Client(live) as client:
+        started = time.monotonic()
+        stream_id = client.start(message[:20], end=False, metadata=(("grpc-timeout", "200m"),))
+        answer = client.answers[stream_id]
+        client.pump(lambda: answer.done, "the expired call's status")
+        waited = time.monotonic() - started
+        assert answer.status() == (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+        assert 0.2 <= waited < 5, waited
+        # The rest of the request, sent behind h2's back (for h2 the reset stream is
+        # closed), is dropped; the next call on the connection is answered.
+        client.raw(DataFrame(stream_id, data=message[20:], flags=["END_STREAM"]))
+        _assert_wine(client.call(_request(rows)).response(), rows)
+
+
+def test_request_headers_past_the_advertised_list_size_are_resource_exhausted(
+    live: LiveServer,
+) -> None:
+    rows = _rows(2, 50)
+    with Client(live) as client:
+        # 16 KiB, as test_settings_are_as_advertised_acked_and_pings_answered sees.
+        answer = client.call(_request(rows), metadata=(("x-note", "n" * 16384),))
+        code, message = answer.status()
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert message.startswith("request headers of ")
+        assert message.endswith(" bytes are over the 16384 allowed")
+        # The connection's header compression state is intact: the next call decodes.
+        _assert_wine(client.call(_request(rows)).response(), rows)

@@ -12,6 +12,8 @@ the message size limit, and the status in the trailers.
 
 import asyncio
 import base64
+import binascii
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -77,6 +79,13 @@ def timeout_seconds(value: bytes) -> float | None:
     return int(digits) * scale
 
 
+@functools.lru_cache(maxsize=256)
+def ok_trailers(metadata: Metadata) -> bytes:
+    """An OK status with the method's trailing metadata (which repeats: the version and
+    variant that answered), encoded once."""
+    return trailers(grpc.StatusCode.OK, "", metadata)
+
+
 def trailers(code: grpc.StatusCode, message: str, metadata: Iterable[tuple[str, Any]]) -> bytes:
     pairs = [(b"grpc-status", b"%d" % code.value[0])]
     if message:
@@ -90,10 +99,54 @@ def trailers(code: grpc.StatusCode, message: str, metadata: Iterable[tuple[str, 
     return http2.encode_headers(pairs)
 
 
-def _metadata_value(name: bytes, value: bytes) -> str | bytes:
+def _metadata_value(name: bytes, value: bytes) -> str | bytes | None:
+    """The value a servicer sees; None for a `-bin` value that is not base64."""
     if name.endswith(b"-bin"):
-        return base64.b64decode(value + b"=" * (-len(value) % 4))
+        try:
+            return base64.b64decode(value + b"=" * (-len(value) % 4))
+        except binascii.Error:
+            return None
     return value.decode("latin-1")
+
+
+class CallHeaders(NamedTuple):
+    """What a call's request headers say."""
+
+    path: bytes
+    content_type: bytes
+    timeout: bytes | None  # grpc-timeout, as sent
+    encoding: bytes  # grpc-encoding
+    metadata: Metadata  # the rest, as the servicers see it
+    malformed: str | None  # the name of a binary metadata entry that is not base64
+    size: int  # as HTTP/2 counts a header list: every field's name and value, and 32
+
+
+@functools.lru_cache(maxsize=256)
+def call_headers(headers: Headers) -> CallHeaders:
+    """The call's headers read (a client's calls repeat theirs: read once)."""
+    path = content_type = b""
+    timeout: bytes | None = None
+    encoding = b"identity"
+    metadata: list[tuple[str, str | bytes]] = []
+    malformed = None
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":path":
+                path = value
+        elif name == b"content-type":
+            content_type = value
+        elif name == b"grpc-timeout":
+            timeout = value
+        elif name == b"grpc-encoding":
+            encoding = value
+        elif name not in _RESERVED:
+            entry = _metadata_value(name, value)
+            if entry is None:
+                malformed = name.decode("latin-1")
+            else:
+                metadata.append((name.decode("latin-1"), entry))
+    size = sum(len(name) + len(value) + 32 for name, value in headers)
+    return CallHeaders(path, content_type, timeout, encoding, tuple(metadata), malformed, size)
 
 
 class CallContext:
@@ -112,7 +165,8 @@ class CallContext:
         raise Aborted(code, details)
 
     def set_trailing_metadata(self, metadata: Sequence[tuple[str, Any]]) -> None:
-        self._call.trailing = metadata
+        # As pairs of str and str or bytes (grpc's metadata): hashable, see `ok_trailers`.
+        self._call.trailing = tuple((name, value) for name, value in metadata)
 
     def set_code(self, code: grpc.StatusCode) -> None:
         self._call.code = code
@@ -178,7 +232,7 @@ class Call:
         self.context = CallContext(self)
         self.code = grpc.StatusCode.OK
         self.details = ""
-        self.trailing: Sequence[tuple[str, Any]] = ()
+        self.trailing: Metadata = ()
         self.finished = False
         self.task: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -319,10 +373,9 @@ class Call:
             return
         self.finished = True
         self._stop()
-        connection, stream_id = self.connection, self.stream_id
-        connection.send_headers(stream_id, RESPONSE_HEADERS, False)
-        connection.send_data(stream_id, len(message).to_bytes(5, "big") + message)
-        connection.send_headers(stream_id, trailers(grpc.StatusCode.OK, "", self.trailing), True)
+        data = len(message).to_bytes(5, "big") + message
+        block = ok_trailers(self.trailing)
+        self.connection.send_whole(self.stream_id, RESPONSE_HEADERS, data, block)
 
     async def write(self, message: Any) -> None:
         """One message of a streaming response."""
@@ -422,27 +475,12 @@ class GrpcServer:
         self, connection: Http2Connection, stream_id: int, headers: Headers, end_stream: bool
     ) -> http2.StreamListener:
         """A new stream: a call if its headers are a gRPC call's, else answered at once."""
-        path = b""
-        content_type = b""
-        timeout: bytes | None = None
-        encoding = b"identity"
-        metadata: list[tuple[str, str | bytes]] = []
-        for name, value in headers:
-            if name[:1] == b":":
-                if name == b":path":
-                    path = value
-            elif name == b"content-type":
-                content_type = value
-            elif name == b"grpc-timeout":
-                timeout = value
-            elif name == b"grpc-encoding":
-                encoding = value
-            elif name not in _RESERVED:
-                metadata.append((name.decode("latin-1"), _metadata_value(name, value)))
+        path, content_type, timeout, encoding, call_metadata, malformed, size = call_headers(
+            headers
+        )
         if not content_type.startswith(b"application/grpc"):
             connection.send_headers(stream_id, _NOT_GRPC, True)
             return _REFUSED
-        call_metadata = tuple(metadata)
         handler = self._handler(path.decode("latin-1"), call_metadata)
         refusal = None
         if handler is None:
@@ -452,6 +490,13 @@ class GrpcServer:
         seconds = None if timeout is None else timeout_seconds(timeout)
         if timeout is not None and seconds is None:
             refusal = grpc.StatusCode.INTERNAL, f"a malformed grpc-timeout: {timeout!r}"
+        if malformed is not None:
+            refusal = grpc.StatusCode.INTERNAL, f"binary metadata {malformed!r} is not base64"
+        if size > http2.HEADER_LIST_LIMIT:  # what this server advertised
+            refusal = (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request headers of {size} bytes are over the {http2.HEADER_LIST_LIMIT} allowed",
+            )
         if refusal is not None:
             block = RESPONSE_HEADERS + trailers(*refusal, ())
             connection.send_headers(stream_id, block, True)

@@ -51,6 +51,9 @@ STREAMS_AT_ONCE = 1024
 HEADER_LIST_LIMIT = 16 << 10  # decoded header bytes a request may carry (gRPC's 16 KiB)
 HEADER_BLOCK_LIMIT = 1 << 20  # encoded, across CONTINUATION frames: more ends the connection
 SEND_BUFFER_LIMIT = 1 << 20  # bytes queued on a stream before its writer waits
+DECODED_BLOCKS_KEPT = 64  # header blocks of indexed fields alone, kept decoded
+# The bytes of a one-byte indexed field (RFC 7541, 6.1): index 1 to 126.
+_ONE_BYTE_INDEXED = bytes(range(0x81, 0xFF))
 
 
 class ErrorCode(IntEnum):
@@ -93,7 +96,7 @@ class StreamListener(Protocol):
         """The stream ended abnormally: reset by the client, or the connection lost."""
 
 
-Headers = list[tuple[bytes, bytes]]
+Headers = tuple[tuple[bytes, bytes], ...]
 Accept = Callable[["Http2Connection", int, Headers, bool], StreamListener]
 
 
@@ -163,6 +166,7 @@ class Http2Connection(asyncio.Protocol):
         self._buffer = bytearray()
         self._preface_seen = False
         self._decoder = Decoder(max_header_list_size=HEADER_BLOCK_LIMIT)
+        self._decoded: dict[bytes, Headers] = {}  # see `_decode`
         self._streams: dict[int, _Stream] = {}
         self._last_stream_id = 0
         self._block: tuple[int, int, bytearray] | None = None  # a header block in progress
@@ -376,11 +380,25 @@ class Http2Connection(asyncio.Protocol):
             self._block = None  # END_STREAM is the HEADERS frame's flag
             self._header_block(stream_id, first_flags, bytes(block))
 
-    def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+    def _decode(self, block: bytes) -> Headers:
+        """The block's headers. A block of one-byte indexed fields alone (a client's
+        repeated call, all from the tables) leaves the dynamic table as it was, so its
+        decoding holds until a block of any other kind may have changed the table."""
+        headers = self._decoded.get(block)
+        if headers is not None:
+            return headers
         try:
-            headers = self._decoder.decode(block, raw=True)
+            headers = tuple(self._decoder.decode(block, raw=True))
         except HPACKError as exc:
             raise ConnectionFault(ErrorCode.COMPRESSION_ERROR, f"HPACK: {exc}") from exc
+        if block.translate(None, _ONE_BYTE_INDEXED):  # a literal, or a table size update
+            self._decoded.clear()
+        elif len(self._decoded) < DECODED_BLOCKS_KEPT:
+            self._decoded[block] = headers
+        return headers
+
+    def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+        headers = self._decode(block)
         end_stream = bool(flags & END_STREAM)
         if stream_id % 2 == 0:
             raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a client's stream id must be odd")
@@ -401,7 +419,7 @@ class Http2Connection(asyncio.Protocol):
         stream = _Stream(stream_id, self._initial_send_window)
         stream.remote_closed = end_stream
         self._streams[stream_id] = stream
-        stream.listener = self._accept(self, stream_id, headers, end_stream)  # type: ignore[arg-type]
+        stream.listener = self._accept(self, stream_id, headers, end_stream)
         self._forget_if_done(stream)
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
@@ -495,6 +513,28 @@ class Http2Connection(asyncio.Protocol):
         stream.queue.append((DATA, memoryview(data), end_stream))
         stream.queued += len(data)
         self._drain(stream)
+
+    def send_whole(self, stream_id: int, headers: bytes, data: bytes, trailers: bytes) -> None:
+        """A whole answer: headers, one body, trailers (a unary gRPC call's). When the
+        windows take the body at once (the common case), it is built as one piece."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.local_closed:
+            return
+        limit = min(self._send_window, stream.send_window, self._peer_frame_size)
+        if stream.queue or len(data) > limit or len(headers) + len(trailers) > limit:
+            self.send_headers(stream_id, headers, False)
+            self.send_data(stream_id, data)
+            self.send_headers(stream_id, trailers, True)
+            return
+        self._send(
+            frame(HEADERS, END_HEADERS, stream_id, headers)
+            + frame(DATA, 0, stream_id, data)
+            + frame(HEADERS, END_STREAM | END_HEADERS, stream_id, trailers)
+        )
+        self._send_window -= len(data)
+        stream.send_window -= len(data)
+        stream.local_closed = True
+        self._forget_if_done(stream)
 
     async def writable(self, stream_id: int) -> None:
         """Returns once the stream has less than SEND_BUFFER_LIMIT bytes waiting to go
