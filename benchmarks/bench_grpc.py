@@ -2,14 +2,16 @@
 `tidegate bench --protocol grpc`; and what gRPC costs tidegate's HTTP, in one run.
 
 Serves the `tabular` model of bench_vs_mlserver.py (the shipped breast_cancer
-logistic regression, one row per request) at once from four servers on 127.0.0.1:
+logistic regression, one row per request) at once from six servers on 127.0.0.1:
   * tidegate, dynamic batching on, gRPC on a free port (`--grpc-port P`);
   * tidegate, the same, gRPC off (`--grpc-port 0`);
   * MLServer, adaptive batching off and on (its settings as in bench_vs_mlserver.py,
     gRPC on the free `grpc_port` its settings.json names);
-  * grpcio's floor (grpc_floor.py, asyncio): grpc.aio on uvloop answering the bytes
-    tidegate answered, nothing else: the least a server on grpc.aio (MLServer's;
-    tidegate's gRPC until it got its own HTTP/2, `tidegate.http2`) could cost here.
+  * two transports' floors (grpc_floor.py), each answering the bytes tidegate
+    answered, nothing else: grpc.aio on uvloop, the least a server on grpc.aio
+    (MLServer's; tidegate's gRPC until it got its own) could cost here; and
+    tidegate's own HTTP/2 and call layer (`tidegate.grpc_wire`), what tidegate's
+    gRPC costs before its servicer and inference.
 Every gRPC server's answer is first checked against onnxruntime run here
 (tritonclient.grpc); a mismatch aborts. Then, for each round, every cell in turn (the
 order reversed every other round), each a `tidegate bench` subprocess with a 1 s
@@ -17,13 +19,14 @@ warm-up and `--duration` seconds measured, closed loop:
   * gRPC (`--protocol grpc`, the request of a JSON file as raw_input_contents):
     tidegate and MLServer off and on, at concurrency 1 and 64;
   * tidegate over HTTP (`--protocol http`), the same row as the binary tensor
-    extension and as V2 JSON, at 1 and 64;
-  * HTTP binary at 64 on the tidegate without gRPC, beside the one with gRPC on and
-    idle (the two cells run back to back).
+    extension and as V2 JSON, at 1 and 64.
+After the rounds, `--idle-pairs` pairs of cells of `--idle-seconds` each: HTTP binary
+at 64 on the tidegate with gRPC on (idle) and on the one without gRPC, back to back,
+which goes first alternating.
 It prints markdown tables of the medians over the rounds: each cell; tidegate gRPC /
 MLServer gRPC (its faster batching setting) at c=64 req/s (goal >= 2x) and c=1 p50
-(goal <= 0.5x), and the same ratios for the floors; and per round the HTTP
-throughput with gRPC idle / gRPC off (goal within 3 %). It also gives each server's
+(goal <= 0.5x), and the same ratios for the floors; and per pair the HTTP
+throughput with gRPC idle / gRPC off (goal: the median within 3 %). It also gives each server's
 CPU time per request: its process's CPU over a cell, warm-up included, over the
 requests tidegate's /stats counted meanwhile; for MLServer and the floors (no such
 count) estimated, `~`, as if the warm-up had the measured rate (the same estimate's
@@ -33,7 +36,7 @@ share the machine's cores.
 Usage (tidegate's venv; MLServer's as in bench_vs_mlserver.py):
 
     .venv/bin/python benchmarks/bench_grpc.py [--rounds 5] [--duration 5] \
-        [--mlserver-python /tmp/mls/bin/python]
+        [--idle-pairs 8] [--idle-seconds 3] [--mlserver-python /tmp/mls/bin/python]
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ from tidegate.proto import grpc_service_pb2 as pb
 MODEL = "tabular"
 LEVELS = (1, 64)
 WARMUP_SECONDS = 1.0
-FLOORS = ("asyncio",)  # grpc_floor.py's modes measured (its threaded one costs as much)
+# grpc_floor.py's modes measured, and what each is (its threaded one costs as grpc.aio).
+FLOORS = {"asyncio": "grpc.aio", "tidegate": "tidegate's own (grpc_wire)"}
 FLOOR_SCRIPT = Path(__file__).resolve().parent / "grpc_floor.py"
 
 
@@ -176,7 +180,7 @@ def start_floor(mode: str, answers: tuple[Path, Path], root: Path) -> Server:
     command = [sys.executable, str(FLOOR_SCRIPT), mode, str(port), *map(str, answers)]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    return Server(f"grpcio floor, {mode}", False, port, process, log)
+    return Server(f"floor, {FLOORS[mode]}", False, port, process, log)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -220,8 +224,11 @@ def bench(cell: Cell, inputs: dict[str, Path], seconds: float, out: Path) -> dic
     }
 
 
-def make_cells(servers: dict[str, Server], grpc_ports: dict[str, int]) -> list[Cell]:
-    """Every cell of a round, in its forward order (the idle-gRPC pair last, adjacent)."""
+def make_cells(
+    servers: dict[str, Server], grpc_ports: dict[str, int]
+) -> tuple[list[Cell], tuple[Cell, Cell]]:
+    """Every cell of a round, in its forward order; and the idle pair: HTTP binary at
+    c=64 on the tidegate with gRPC on (and idle) and on the one with gRPC off."""
 
     def cell(label: str, name: str, protocol: str, encoding: str, conc: int) -> Cell:
         server = servers[name]
@@ -239,10 +246,10 @@ def make_cells(servers: dict[str, Server], grpc_ports: dict[str, int]) -> list[C
         for encoding in ("json", "binary"):
             label = f"tidegate HTTP {encoding}, batching on"
             cells.append(cell(label, "tidegate", "http", encoding, conc))
-        cells += [cell(f"grpcio floor, {m}", f"floor {m}", "grpc", "raw", conc) for m in FLOORS]
-    label = "tidegate HTTP binary, --grpc-port 0"
-    cells.append(cell(label, "tidegate, gRPC off", "http", "binary", 64))
-    return cells
+        cells += [cell(f"floor, {FLOORS[m]}", f"floor {m}", "grpc", "raw", conc) for m in FLOORS]
+    idle = cell("tidegate HTTP binary, gRPC idle", "tidegate", "http", "binary", 64)
+    off = cell("tidegate HTTP binary, --grpc-port 0", "tidegate, gRPC off", "http", "binary", 64)
+    return cells, (idle, off)
 
 
 def versions(mlserver_python: str) -> str:
@@ -314,18 +321,20 @@ def print_ratios(cells: list[Cell]) -> None:
         f"{'met' if p50 <= 0.5 else 'missed'} |"
     )
     print(
-        "\ngrpcio's floor against the same MLServer figures: the least a server on grpc.aio costs\n"
+        "\nThe transports' floors against the same MLServer figures: the least a server on "
+        "each could cost (server CPU per call estimated, ~)\n"
     )
-    print("| floor | req/s at c=64 | ratio | p50 ms at c=1 | ratio |")
-    print("|---|---:|---:|---:|---:|")
+    print("| floor | req/s at c=64 | ratio | CPU us/call | p50 ms at c=1 | ratio | CPU us/call |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode in FLOORS:
         floor_64 = _find(cells, f"floor {mode}", "grpc", 64, "raw")
         floor_1 = _find(cells, f"floor {mode}", "grpc", 1, "raw")
         print(
-            f"| {mode} | {floor_64.median('rps'):,.0f} | "
+            f"| {FLOORS[mode]} | {floor_64.median('rps'):,.0f} | "
             f"{floor_64.median('rps') / best_64.median('rps'):.2f}x | "
-            f"{floor_1.median('p50_ms'):.3f} | "
-            f"{floor_1.median('p50_ms') / best_1.median('p50_ms'):.2f}x |"
+            f"~{floor_64.median('server_us_est'):.0f} | {floor_1.median('p50_ms'):.3f} | "
+            f"{floor_1.median('p50_ms') / best_1.median('p50_ms'):.2f}x | "
+            f"~{floor_1.median('server_us_est'):.0f} |"
         )
     print("\ntidegate over HTTP and over gRPC (same client, same row)\n")
     print(
@@ -346,12 +355,25 @@ def print_ratios(cells: list[Cell]) -> None:
         )
 
 
-def print_idle(cells: list[Cell]) -> None:
-    idle = _find(cells, "tidegate", "http", 64, "binary")
-    off = _find(cells, "tidegate, gRPC off", "http", 64, "binary")
-    print("\nHTTP binary at c=64: gRPC on and idle / --grpc-port 0 (back to back each round)\n")
+def measure_idle(
+    pair: tuple[Cell, Cell], count: int, inputs: dict[str, Path], seconds: float, out: Path
+) -> None:
+    """`count` back-to-back pairs of the idle cells, which one goes first alternating: a
+    slow spell of a shared machine then falls on both sides alike."""
+    for index in range(count):
+        for cell in pair if index % 2 == 0 else pair[::-1]:
+            cell.runs.append(bench(cell, inputs, seconds, out))
+            print(
+                f"# pair {index + 1} {cell.label}: {cell.runs[-1]['rps']:,.0f} req/s",
+                file=sys.stderr,
+            )
+
+
+def print_idle(pair: tuple[Cell, Cell]) -> None:
+    idle, off = pair
+    print("\nHTTP binary at c=64: gRPC on and idle / --grpc-port 0 (pairs back to back)\n")
     print(
-        "| round | gRPC idle req/s | gRPC off req/s | idle / off | gRPC idle server CPU "
+        "| pair | gRPC idle req/s | gRPC off req/s | idle / off | gRPC idle server CPU "
         "us/req | gRPC off | idle / off |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -363,17 +385,18 @@ def print_idle(cells: list[Cell]) -> None:
             f"| {index} | {a['rps']:,.0f} | {b['rps']:,.0f} | {ratios[-1]:.3f} | "
             f"{a['server_us']:.0f} | {b['server_us']:.0f} | {cpu_ratios[-1]:.3f} |"
         )
-    ratio = idle.median("rps") / off.median("rps")
+    ratio = statistics.median(ratios)
     verdict = "met" if abs(ratio - 1) <= 0.03 else "missed"
+    low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratio,) * 3
     print(
         f"| median | {idle.median('rps'):,.0f} | {off.median('rps'):,.0f} | {ratio:.3f} | "
         f"{idle.median('server_us'):.0f} | {off.median('server_us'):.0f} | "
-        f"{idle.median('server_us') / off.median('server_us'):.3f} |"
+        f"{statistics.median(cpu_ratios):.3f} |"
     )
     print(
-        f"\nreq/s idle / off: {ratio:.3f} (median of the per-round ratios "
-        f"{statistics.median(ratios):.3f}; goal within 3 %: {verdict}); server CPU per "
-        f"request idle / off: median of the per-round ratios {statistics.median(cpu_ratios):.3f}"
+        f"\nreq/s idle / off, median of the per-pair ratios: {ratio:.3f} (quartiles "
+        f"{low:.3f}-{high:.3f}; goal within 3 %: {verdict}); server CPU per request idle / "
+        f"off: {statistics.median(cpu_ratios):.3f}"
     )
 
 
@@ -381,6 +404,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
+    parser.add_argument(
+        "--idle-pairs", type=int, default=8, help="pairs of HTTP cells, gRPC idle and off"
+    )
+    parser.add_argument("--idle-seconds", type=float, default=3.0, help="seconds per pair's cell")
     parser.add_argument(
         "--mlserver-python",
         default=os.environ.get("MLSERVER_PYTHON", "/tmp/mls/bin/python"),
@@ -425,7 +452,7 @@ def main() -> None:
                 stack.callback(stop, floor.process)
                 servers[f"floor {mode}"], grpc_ports[f"floor {mode}"] = floor, floor.port
                 check_grpc(f"127.0.0.1:{floor.port}", payload, floor.name)
-            cells = make_cells(servers, grpc_ports)
+            cells, idle_pair = make_cells(servers, grpc_ports)
             for round_ in range(args.rounds):
                 for cell in cells if round_ % 2 == 0 else cells[::-1]:
                     cell.runs.append(bench(cell, inputs, args.duration, root / "level.json"))
@@ -434,11 +461,13 @@ def main() -> None:
                         f"{cell.runs[-1]['rps']:,.0f} req/s, p50 {cell.runs[-1]['p50_ms']:.3f} ms",
                         file=sys.stderr,
                     )
+            out = root / "level.json"
+            measure_idle(idle_pair, args.idle_pairs, inputs, args.idle_seconds, out)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print_cells(cells)
     print_ratios(cells)
-    print_idle(cells)
+    print_idle(idle_pair)
     print(f"\nTotal wall time {time.monotonic() - started:.0f} s")
 
 

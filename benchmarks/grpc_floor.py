@@ -1,24 +1,29 @@
-"""The floor of a Python gRPC server: grpcio answering recorded bytes, nothing else.
+"""The floor of a Python gRPC server: a transport answering recorded bytes, nothing else.
 
 bench_grpc.py starts it beside tidegate and MLServer to show how much of a gRPC
-call's cost is grpcio's own: ModelInfer and ModelMetadata answer, without parsing
-the request, the serialized responses tidegate gave to the benchmark's request
-(recorded by bench_grpc.py), so the load generator sees a correct answer and
-every cost left is grpcio's (HTTP/2, the call's lifecycle, its Python handler).
+call's cost is the transport's own: ModelInfer and ModelMetadata answer, without
+parsing the request, the serialized responses tidegate gave to the benchmark's
+request (recorded by bench_grpc.py), so the load generator sees a correct answer and
+every cost left is the transport's (HTTP/2, the call's lifecycle, its Python handler).
 
-    python benchmarks/grpc_floor.py {asyncio|threads} PORT METADATA_FILE INFER_FILE
+    python benchmarks/grpc_floor.py {asyncio|threads|tidegate} PORT METADATA_FILE INFER_FILE
 
-`asyncio`: grpc.aio's server on uvloop, as tidegate serves gRPC; `threads`:
-grpcio's synchronous server, handlers on a pool of 4 threads.
+`asyncio`: grpc.aio's server on uvloop (MLServer's transport, and tidegate's until
+it had its own); `threads`: grpcio's synchronous server, handlers on a pool of 4
+threads; `tidegate`: tidegate's own HTTP/2 and call layer (`tidegate.grpc_wire`) on
+uvloop, the transport tidegate serves gRPC with.
 """
 
 import argparse
+import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import uvloop
+
+from tidegate.grpc_wire import GrpcServer
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -50,6 +55,13 @@ async def serve_asyncio(address: str, answers: dict[str, bytes]) -> None:
     await server.wait_for_termination()
 
 
+async def serve_tidegate(port: int, answers: dict[str, bytes]) -> None:
+    server = GrpcServer(max_message_bytes=4 << 20)
+    server.add_generic_rpc_handlers((handler(answers, asynchronous=True),))
+    await server.start("127.0.0.1", port)
+    await asyncio.Event().wait()  # until the benchmark stops the process
+
+
 def serve_threads(address: str, answers: dict[str, bytes]) -> None:
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
     server.add_generic_rpc_handlers((handler(answers, asynchronous=False),))
@@ -60,7 +72,7 @@ def serve_threads(address: str, answers: dict[str, bytes]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=("asyncio", "threads"))
+    parser.add_argument("mode", choices=("asyncio", "threads", "tidegate"))
     parser.add_argument("port", type=int)
     parser.add_argument("metadata", type=Path)
     parser.add_argument("infer", type=Path)
@@ -69,6 +81,8 @@ def main() -> None:
     address = f"127.0.0.1:{args.port}"
     if args.mode == "asyncio":
         uvloop.run(serve_asyncio(address, answers))
+    elif args.mode == "tidegate":
+        uvloop.run(serve_tidegate(args.port, answers))
     else:
         serve_threads(address, answers)
 

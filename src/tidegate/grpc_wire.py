@@ -356,7 +356,7 @@ class Call:
                 elif response is None:
                     self.finish(grpc.StatusCode.INTERNAL, "the method returned no response")
                 else:
-                    self.answer(handler.response_serializer(response))
+                    self.answer(_serialized(handler.response_serializer, response))
         except Aborted as aborted:
             self.finish(aborted.code, aborted.details)
         except asyncio.CancelledError:
@@ -384,7 +384,7 @@ class Call:
         if not self._headers_sent:
             self._headers_sent = True
             self.connection.send_headers(self.stream_id, RESPONSE_HEADERS, False)
-        raw = self.handler.response_serializer(message)
+        raw = _serialized(self.handler.response_serializer, message)
         self.connection.send_data(self.stream_id, len(raw).to_bytes(5, "big") + raw)
         await self.connection.writable(self.stream_id)
 
@@ -415,6 +415,11 @@ def _parsed(parse: Callable[[bytes], Any] | None, message: bytes) -> Any:
         return parse(message)
     except Exception as exc:
         raise Aborted(grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse the request: {exc}") from exc
+
+
+def _serialized(serialize: Callable[[Any], bytes] | None, message: Any) -> bytes:
+    """A response's bytes; a handler without a serializer answers bytes (as in grpcio)."""
+    return message if serialize is None else serialize(message)
 
 
 class GrpcServer:
