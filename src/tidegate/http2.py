@@ -1,9 +1,10 @@
 """The server side of HTTP/2 (RFC 9113), as much as gRPC needs, on an asyncio transport.
 
 Why not grpcio's server, or the `h2` library: with the same grpcio client, answering
-recorded bytes costs grpcio's asyncio server about 300 us of CPU per call at
-concurrency 1 and 210 at 64, `h2` 187 and 96, and this module 63 and 27 (benchmarks/
-RESULTS.md, "A native gRPC front"); the issue's goals leave a call no room for more.
+recorded bytes costs grpc.aio's server about 330 us of CPU per call at concurrency 1
+and 230 at 64, a prototype on `h2` 187 and 96, and this module with `grpc_wire` 73
+and 21 (benchmarks/RESULTS.md, "A native gRPC front"); the issue's goals leave a
+call no room for more.
 HPACK is the `hpack` library's (the decoder keeps the client's dynamic table); what
 this server sends is never indexed, so it needs no encoder state.
 
