@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from tests import shipped as catalog
 from tests.conftest import MODELS, SHIPPED_ONLY, LiveServer, free_port
 from tests.test_access import TOKENS, write_auth_file
-from tests.test_workers import _each_worker
+from tests.test_workers import _each_worker, _wait_for_workers
 
 WINE = catalog.ShippedVersion("wine", 1)
 
@@ -367,6 +367,8 @@ def test_a_message_over_the_body_limit_is_refused_and_the_server_goes_on(tmp_pat
 def test_every_worker_serves_grpc_on_the_shared_port(tmp_path: Path):
     server = _serve_fresh(tmp_path, "--workers", "2")
     try:
+        # Ready is the first worker's word; a worker's gRPC listens before its sockets do.
+        _wait_for_workers(server, 2)
         url = server.grpc_url  # type: ignore[attr-defined]
         inputs = _inputs(WINE, catalog.reference_rows(WINE, 1))
         sent = 0
