@@ -6,12 +6,18 @@ one with `[drift] enabled = false` in every config.toml. The same lean HTTP
 client as bench_http.py drives breast_cancer v1 (the tabular model), one row
 per V2 JSON request, at concurrency 1 and 64; the two servers take turns, and
 which goes first alternates by round, so that drifts of the machine hit both alike.
+Besides the ratios of the totals it prints, for concurrency 64, each round's pair:
+req/s on/off and server CPU per request on/off (the process's CPU, the drift
+thread's included), and their medians over the rounds. A slow spell of a shared
+machine moves one cell of a round and so the ratio of the totals; the median of
+the rounds' ratios leaves it out.
 
     python benchmarks/bench_drift.py [--duration 5] [--rounds 2]
 """
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_http import bench_http, first_row, free_port, infer_request
+from bench_dashboard import cpu_seconds
+from bench_http import Result, bench_http, first_row, free_port, infer_request
 from tidegate.config import ModelConfig
 from tidegate.executor import InferenceExecutor
 from tidegate.registry import _build
@@ -73,6 +80,37 @@ def drift_bytes_per_feature() -> tuple[int, int]:
     return sum(a.nbytes for a in arrays) // features, ModelConfig().drift.bins
 
 
+def print_rounds(
+    results: dict[tuple[str, int], list[Result]],
+    cpu_per_request: dict[tuple[str, int], list[float]],
+    conc: int,
+) -> None:
+    """Each round's on/off pair at `conc`, and the medians of their ratios."""
+    print(f"\nConcurrency {conc}, round by round (server CPU per request in us)\n")
+    print("| round | req/s on | req/s off | on/off | CPU on | CPU off | on/off |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    pairs = zip(
+        results[("on", conc)],
+        results[("off", conc)],
+        cpu_per_request[("on", conc)],
+        cpu_per_request[("off", conc)],
+        strict=True,
+    )
+    rate_ratios, cpu_ratios = [], []
+    for number, (on, off, cpu_on, cpu_off) in enumerate(pairs, 1):
+        rate_ratios.append(on.rps / off.rps)
+        cpu_ratios.append(cpu_on / cpu_off)
+        print(
+            f"| {number} | {on.rps:,.0f} | {off.rps:,.0f} | {rate_ratios[-1]:.3f} | "
+            f"{cpu_on:.1f} | {cpu_off:.1f} | {cpu_ratios[-1]:.3f} |"
+        )
+    print(
+        f"\nMedians of the rounds' ratios at concurrency {conc}: req/s on/off "
+        f"{statistics.median(rate_ratios):.3f}, server CPU per request on/off "
+        f"{statistics.median(cpu_ratios):.3f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=5.0)
@@ -86,7 +124,8 @@ def main() -> None:
             "off": serve(without_drift(Path(scratch) / "models"), ports["off"]),
         }
         try:
-            results: dict[tuple[str, int], list] = {}
+            results: dict[tuple[str, int], list[Result]] = {}
+            cpu_per_request: dict[tuple[str, int], list[float]] = {}
             for round_number in range(args.rounds):
                 # Alternate who goes first: whichever does was measured ~4 % slower at
                 # concurrency 64 in an on/on control run of this script.
@@ -94,8 +133,12 @@ def main() -> None:
                 for conc in (1, 64):
                     for mode in order:
                         bench_http(ports[mode], request, conc, 0.5)  # warm
+                        cpu = cpu_seconds(servers[mode].pid)
                         result = bench_http(ports[mode], request, conc, args.duration)
+                        cpu = cpu_seconds(servers[mode].pid) - cpu
                         results.setdefault((mode, conc), []).append(result)
+                        per_request = cpu / result.requests * 1e6
+                        cpu_per_request.setdefault((mode, conc), []).append(per_request)
         finally:
             for server in servers.values():
                 server.terminate()
@@ -125,6 +168,7 @@ def main() -> None:
             print(
                 f"| {conc} | {mode} | {rps:,.0f} | {p50:.3f} | {p99:.3f} | {' | '.join(ratios)} |"
             )
+    print_rounds(results, cpu_per_request, 64)
     per_feature, bins = drift_bytes_per_feature()
     print(
         f"\nDrift state: {per_feature} bytes per feature ({bins} bins), "
