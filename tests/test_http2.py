@@ -4,9 +4,12 @@ sends (CONTINUATION, padding, unknown types, a tiny window, an overrun window, m
 and forbidden frames, more streams than allowed) and what the server must answer to
 them. Every frame the server sends is also parsed by hyperframe on its own, so that the
 tests see what h2 hides (frame sizes, frames on streams h2 does not know). Answers are
-compared with onnxruntime run directly on the model."""
+compared with onnxruntime run directly on the model. Last, hypothesis sends sequences of
+frames, malformed and plausible, and the server must answer, or end the connection in
+order, and go on serving."""
 
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+from hypothesis import HealthCheck, given, settings, strategies as st
 from tritonclient.grpc import service_pb2
 
 from tests import shipped as catalog
@@ -48,6 +52,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DTYPES = {"FP32": np.float32, "INT64": np.int64}
 AFrame = TypeVar("AFrame", bound=Frame)
 TIMEOUT = 10.0  # seconds any one awaited event may take before a test fails
+_FRAME_HEAD = struct.Struct(">IBI")  # a frame's 24-bit length and type, flags, stream id
 
 
 @pytest.fixture(scope="module")
@@ -657,6 +662,11 @@ CONNECTION_ERRORS = [
         ErrorCodes.PROTOCOL_ERROR,  # RFC 9113, 6.9: an increment of 0 is PROTOCOL_ERROR
         id="window-update-of-0",
     ),
+    pytest.param(
+        PREFACE + SettingsFrame(0).serialize() + _FRAME_HEAD.pack(7, 0, 0),
+        ErrorCodes.PROTOCOL_ERROR,  # a GOAWAY has at least a last stream id and a code
+        id="goaway-of-no-bytes",
+    ),
 ]
 
 
@@ -868,3 +878,78 @@ def test_request_headers_past_the_advertised_list_size_are_resource_exhausted(
         assert message.endswith(" bytes are over the 16384 allowed")
         # The connection's header compression state is intact: the next call decodes.
         _assert_wine(client.call(_request(rows)).response(), rows)
+
+
+# Frames of every type HTTP/2 defines and one it does not, any flags, the streams a
+# fuzzed connection would name, payloads short enough to be read whole; and frames a
+# client could well send (a call's headers, framed messages, window updates, resets,
+# settings), so that sequences reach open streams and not only the first malformed
+# frame.
+_STREAMS = st.sampled_from([0, 1, 2, 3, 5, 0x7FFFFFFF])
+_ANY_FRAME = st.tuples(st.integers(0, 10), st.integers(0, 255), _STREAMS, st.binary(max_size=40))
+_CALL_HEADERS = st.tuples(
+    st.just(1), st.sampled_from([0x4, 0x5]), st.sampled_from([1, 3, 5]), st.just(_block())
+)
+_MESSAGE = st.tuples(
+    st.just(0),
+    st.sampled_from([0, 1]),
+    st.sampled_from([1, 3, 5]),
+    st.one_of(st.binary(max_size=30).map(_message), st.just(_request(_rows(1)))),
+)
+_FOUR_BYTES = st.integers(0, 2**32 - 1).map(lambda n: n.to_bytes(4, "big"))
+_WINDOW_OR_RESET = st.tuples(st.sampled_from([3, 8]), st.just(0), _STREAMS, _FOUR_BYTES)
+_SETTINGS = st.tuples(
+    st.just(4),
+    st.just(0),
+    st.just(0),
+    st.lists(st.tuples(st.integers(1, 7), st.integers(0, 2**32 - 1)), max_size=3).map(
+        lambda entries: b"".join(struct.pack(">HI", key, value) for key, value in entries)
+    ),
+)
+_FUZZED_FRAMES = st.lists(
+    st.one_of(_ANY_FRAME, _CALL_HEADERS, _MESSAGE, _WINDOW_OR_RESET, _SETTINGS),
+    min_size=1,
+    max_size=10,
+)
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(_FUZZED_FRAMES)
+def test_fuzzed_frames_end_in_an_answer_or_a_goaway_and_the_server_stays_healthy(
+    live: LiveServer, frames: list[tuple[int, int, int, bytes]]
+) -> None:
+    # After the client's frames, a PING: the server either still speaks HTTP/2 (it
+    # acknowledges the PING), has ended the connection with a GOAWAY, or has closed it
+    # after the client's own well-formed GOAWAY. Never silence, and never an error
+    # escaping into the event loop (the log stays free of them).
+    data = PREFACE + SettingsFrame(0).serialize()
+    for kind, flags, stream_id, payload in frames:
+        data += _FRAME_HEAD.pack(len(payload) << 8 | kind, flags, stream_id) + payload
+    data += PingFrame(0, b"fuzzing!").serialize()
+    received = bytearray()
+    closed = False
+    with socket.create_connection(_address(live), timeout=TIMEOUT) as sock:
+        sock.sendall(data)
+        deadline = time.monotonic() + TIMEOUT
+        while not closed and time.monotonic() < deadline:
+            seen = _frames(bytearray(received))
+            acked = any(isinstance(f, PingFrame) and f.opaque_data == b"fuzzing!" for f in seen)
+            ended = any(isinstance(f, GoAwayFrame) for f in seen)
+            if acked or ended:
+                break
+            chunk = sock.recv(1 << 16)
+            closed = not chunk
+            received += chunk
+    seen = _frames(received)
+    said_goodbye = any(
+        kind == 7 and not stream and len(body) >= 8 for kind, _, stream, body in frames
+    )
+    assert (said_goodbye and closed) or any(
+        (isinstance(f, PingFrame) and "ACK" in f.flags) or isinstance(f, GoAwayFrame) for f in seen
+    ), seen
+    log = live.log()
+    assert "Traceback" not in log, log[-2000:]
+    assert "Exception in callback" not in log, log[-2000:]
+    _assert_serves(live)

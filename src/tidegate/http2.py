@@ -297,6 +297,8 @@ class Http2Connection(asyncio.Protocol):
         elif kind == RST_STREAM:
             self._peer_reset(stream_id, payload)
         elif kind == GOAWAY:
+            if stream_id or len(payload) < 8:
+                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a malformed GOAWAY")
             self._going_away = True
             self._close_when_done()
         elif kind == PRIORITY:
