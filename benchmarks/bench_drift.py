@@ -18,16 +18,13 @@ the rounds' ratios leaves it out.
 import argparse
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 from bench_dashboard import cpu_seconds
-from bench_http import Result, bench_http, first_row, free_port, infer_request
+from bench_http import Result, bench_http, first_row, free_port, infer_request, start_server
 from tidegate.config import ModelConfig
 from tidegate.executor import InferenceExecutor
 from tidegate.registry import _build
@@ -35,24 +32,6 @@ from tidegate.repository import scan_model
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 MODEL, VERSION = "breast_cancer", 1
-
-
-def serve(repository: Path, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tidegate", "serve", str(repository), "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    request = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if bench_http(port, request, 1, 0.05).requests:
-                return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("tidegate did not become ready")
 
 
 def without_drift(target: Path) -> Path:
@@ -120,8 +99,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         ports = {"on": free_port(), "off": free_port()}
         servers = {
-            "on": serve(MODELS, ports["on"]),
-            "off": serve(without_drift(Path(scratch) / "models"), ports["off"]),
+            "on": start_server(ports["on"], MODELS),
+            "off": start_server(ports["off"], without_drift(Path(scratch) / "models")),
         }
         try:
             results: dict[tuple[str, int], list[Result]] = {}

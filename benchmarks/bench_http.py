@@ -191,8 +191,11 @@ def free_port() -> int:
 
 
 def start_server(port: int, repository: Path = MODELS) -> subprocess.Popen[bytes]:
+    """`tidegate serve` as it ships, gRPC on too, but on a free port of its own (not
+    the default 8001, which another server, or another program, may hold)."""
+    command = [sys.executable, "-m", "tidegate", "serve", str(repository), "--port", str(port)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "tidegate", "serve", str(repository), "--port", str(port)],
+        [*command, "--grpc-port", str(free_port())],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -337,10 +337,13 @@ def spawn_tidegate(
     env: dict[str, str] | None = None,
 ) -> Server:
     """`python -m tidegate serve REPO` (this interpreter) on a free loopback port, with
-    `env` added to this process's environment."""
+    `env` added to this process's environment. gRPC is on, as shipped, on a free port
+    unless `extra` names one (not the default 8001: several servers run at once)."""
     port = free_port()
     command = [sys.executable, "-m", "tidegate", "serve", str(repo), "--host", "127.0.0.1"]
     command += ["--port", str(port), *extra]
+    if "--grpc-port" not in extra:
+        command += ["--grpc-port", str(free_port())]
     process = _spawn(command, log.parent, log, {**os.environ, **(env or {})})
     return Server("tidegate", batching, port, process, log)
 
