@@ -20,6 +20,9 @@ alternating by round) and a last table gives, per round and as the median over t
 rounds, tidegate as it ships (batching on, JSON) against MLServer's faster setting:
 on this 2-vCPU VM a single run's c=1 figures depend on whether the scheduler puts wrk
 and the server on one vCPU (see RESULTS.md), so one round settles little.
+`--placement` fixes that choice for both servers alike (taskset): `same` puts the
+servers and wrk on CPU 0, `split` the servers on CPU 1 and wrk on CPU 0; `any`
+(the default) leaves it to the scheduler.
 
 MLServer runs from its own venv:
 
@@ -30,7 +33,8 @@ Usage (with tidegate's venv, which has onnx and orjson):
 
     .venv/bin/python benchmarks/bench_vs_mlserver.py [--duration 10] \
         [--concurrency 1,8,64] [--models tabular,mlp,mlp_small,cnn] [--batching off,on] \
-        [--mlserver-python /tmp/mls/bin/python] [--rounds 1] [--json results.json]
+        [--mlserver-python /tmp/mls/bin/python] [--rounds 1] [--json results.json] \
+        [--placement any|same|split]
 """
 
 from __future__ import annotations
@@ -67,6 +71,19 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 LUA_SCRIPT = BENCH / "v2_request.lua"
 WRK = "/usr/bin/wrk"
+# The CPUs the servers and wrk run on, per --placement (`taskset -c` lists; None: any).
+PLACEMENTS: dict[str, tuple[str | None, str | None]] = {
+    "any": (None, None),
+    "same": ("0", "0"),
+    "split": ("1", "0"),
+}
+placement = PLACEMENTS["any"]  # set by main from --placement; read by _spawn and run_wrk
+
+
+def _pinned(command: list[str], cpus: str | None) -> list[str]:
+    return command if cpus is None else ["taskset", "-c", cpus, *command]
+
+
 TABULAR_SOURCE = ROOT / "models" / "breast_cancer" / "1" / "model.onnx"
 TABULAR_REFERENCE = TABULAR_SOURCE.with_name("reference.npz")  # its training features
 ALL_MODELS = ("tabular", "mlp", "mlp_small", "cnn")
@@ -325,6 +342,7 @@ def write_mlserver_repo(root: Path, models: dict[str, Path], batching: bool, por
 def _spawn(
     command: list[str], cwd: Path, log: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
+    command = _pinned(command, placement[0])
     with log.open("wb") as out:
         return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -523,6 +541,7 @@ def run_wrk(
     env["V2_AUTHORIZATION"] = authorization
     if header_length is not None:
         env["V2_HEADER_LENGTH"] = str(header_length)
+    command = _pinned(command, placement[1])
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         if line.startswith("V2RESULT "):
@@ -766,11 +785,19 @@ def parse_args() -> argparse.Namespace:
         help="measure everything this many times, the servers' order alternating",
     )
     parser.add_argument("--json", type=Path, help="also dump all results to this file")
+    parser.add_argument(
+        "--placement",
+        choices=sorted(PLACEMENTS),
+        default="any",
+        help="servers and wrk on one CPU (same), on two (split), or where they land (any)",
+    )
     return parser.parse_args()
 
 
 def main() -> None:
+    global placement
     args = parse_args()
+    placement = PLACEMENTS[args.placement]
     models = [m for m in args.models.split(",") if m]
     levels = [int(c) for c in args.concurrency.split(",") if c]
     batching = [b for b in args.batching.split(",") if b]
@@ -781,7 +808,9 @@ def main() -> None:
     info = machine(args.mlserver_python)
     print(
         f"`{command}`\n\n{info}; {args.duration:g} s per cell after a {WARMUP_SECONDS:g} s "
-        f"warm-up, {ROWS_PER_REQUEST} row per request, wrk -t1 on 127.0.0.1\n"
+        f"warm-up, {ROWS_PER_REQUEST} row per request, wrk -t1 on 127.0.0.1; placement "
+        f"{args.placement} (servers on CPUs {placement[0] or 'any'}, wrk on "
+        f"{placement[1] or 'any'})\n"
     )
 
     results: list[Result] = []
