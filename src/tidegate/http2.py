@@ -523,8 +523,13 @@ class Http2Connection(asyncio.Protocol):
         stream = self._streams.get(stream_id)
         if stream is None or stream.local_closed:
             return
-        limit = min(self._send_window, stream.send_window, self._peer_frame_size)
-        if stream.queue or len(data) > limit or len(headers) + len(trailers) > limit:
+        frame_size = self._peer_frame_size
+        window = min(self._send_window, stream.send_window)
+        if (
+            stream.queue
+            or len(data) > min(window, frame_size)
+            or max(len(headers), len(trailers)) > frame_size  # CONTINUATIONs: `_send_block`
+        ):
             self.send_headers(stream_id, headers, False)
             self.send_data(stream_id, data)
             self.send_headers(stream_id, trailers, True)
