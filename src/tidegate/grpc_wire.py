@@ -112,13 +112,13 @@ def _metadata_value(name: bytes, value: bytes) -> str | bytes | None:
 class CallHeaders(NamedTuple):
     """What a call's request headers say."""
 
-    path: bytes
+    path: str
     content_type: bytes
-    timeout: bytes | None  # grpc-timeout, as sent
-    encoding: bytes  # grpc-encoding
+    timeout: float | None  # grpc-timeout, in seconds
+    compressed: bool  # a grpc-encoding other than identity
     metadata: Metadata  # the rest, as the servicers see it
-    malformed: str | None  # the name of a binary metadata entry that is not base64
-    size: int  # as HTTP/2 counts a header list: every field's name and value, and 32
+    # Why the headers alone refuse the call (status, message), whatever its method.
+    problem: tuple[grpc.StatusCode, str] | None
 
 
 @functools.lru_cache(maxsize=256)
@@ -145,8 +145,26 @@ def call_headers(headers: Headers) -> CallHeaders:
                 malformed = name.decode("latin-1")
             else:
                 metadata.append((name.decode("latin-1"), entry))
-    size = sum(len(name) + len(value) + 32 for name, value in headers)
-    return CallHeaders(path, content_type, timeout, encoding, tuple(metadata), malformed, size)
+    seconds = None if timeout is None else timeout_seconds(timeout)
+    size = sum(len(name) + len(value) + 32 for name, value in headers)  # as HTTP/2 counts
+    problem = None
+    if size > http2.HEADER_LIST_LIMIT:  # what this server advertised
+        problem = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"request headers of {size} bytes are over the {http2.HEADER_LIST_LIMIT} allowed",
+        )
+    elif malformed is not None:
+        problem = grpc.StatusCode.INTERNAL, f"binary metadata {malformed!r} is not base64"
+    elif timeout is not None and seconds is None:
+        problem = grpc.StatusCode.INTERNAL, f"a malformed grpc-timeout: {timeout!r}"
+    return CallHeaders(
+        path.decode("latin-1"),
+        content_type,
+        seconds,
+        encoding != b"identity",
+        tuple(metadata),
+        problem,
+    )
 
 
 class CallContext:
@@ -480,35 +498,24 @@ class GrpcServer:
         self, connection: Http2Connection, stream_id: int, headers: Headers, end_stream: bool
     ) -> http2.StreamListener:
         """A new stream: a call if its headers are a gRPC call's, else answered at once."""
-        path, content_type, timeout, encoding, call_metadata, malformed, size = call_headers(
-            headers
-        )
-        if not content_type.startswith(b"application/grpc"):
+        asked = call_headers(headers)
+        if not asked.content_type.startswith(b"application/grpc"):
             connection.send_headers(stream_id, _NOT_GRPC, True)
             return _REFUSED
-        handler = self._handler(path.decode("latin-1"), call_metadata)
-        refusal = None
-        if handler is None:
-            refusal = grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {path.decode('latin-1')}"
-        elif encoding != b"identity":
-            refusal = grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted"
-        seconds = None if timeout is None else timeout_seconds(timeout)
-        if timeout is not None and seconds is None:
-            refusal = grpc.StatusCode.INTERNAL, f"a malformed grpc-timeout: {timeout!r}"
-        if malformed is not None:
-            refusal = grpc.StatusCode.INTERNAL, f"binary metadata {malformed!r} is not base64"
-        if size > http2.HEADER_LIST_LIMIT:  # what this server advertised
-            refusal = (
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"request headers of {size} bytes are over the {http2.HEADER_LIST_LIMIT} allowed",
-            )
+        handler = self._handler(asked.path, asked.metadata)
+        refusal = asked.problem
+        if refusal is None:
+            if handler is None:
+                refusal = grpc.StatusCode.UNIMPLEMENTED, f"Method not found: {asked.path}"
+            elif asked.compressed:
+                refusal = grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not accepted"
         if refusal is not None:
             block = RESPONSE_HEADERS + trailers(*refusal, ())
             connection.send_headers(stream_id, block, True)
             return _REFUSED
-        call = Call(self, connection, stream_id, handler, call_metadata)
-        if seconds is not None:
-            call.timer = connection.loop.call_later(seconds, call.expire)
+        call = Call(self, connection, stream_id, handler, asked.metadata)
+        if asked.timeout is not None:
+            call.timer = connection.loop.call_later(asked.timeout, call.expire)
         if end_stream:
             call.data(b"", True)
         return call
