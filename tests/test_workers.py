@@ -42,6 +42,8 @@ def _workers(server: LiveServer) -> dict[str, int]:
         except OSError:  # it has just exited
             continue
         variables = dict(item.decode().split("=", 1) for item in environ if b"=" in item)
+        if "TIDEGATE_WORKER" not in variables:
+            continue  # forked for a restart, not yet a worker: its environ is still ours
         found[variables["TIDEGATE_WORKER"]] = int(pid)
         found["run_dir"] = variables["TIDEGATE_RUN_DIR"]  # type: ignore[assignment]
     return found
