@@ -104,19 +104,22 @@ class Load:
         self.stop = threading.Event()
         self.statuses: dict[int, int] = {}
         self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+        # Built here, not in the threads: np.load parses headers with ast.literal_eval, and
+        # CPython 3.11's parser fails under concurrent use ("AST constructor recursion
+        # depth mismatch", gh-106905).
+        self.bodies = [_wine_body(8, start) for start in range(0, 120, 8)]
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
         for thread in self.threads:
             thread.start()
 
-    def _run(self, index: int) -> None:
-        bodies = [_wine_body(8, start) for start in range(0, 120, 8)]
+    def _run(self) -> None:
         sent = 0
         while not self.stop.is_set():
             # A new connection every few requests: the kernel spreads them over workers.
             with httpx.Client(base_url=self.base, timeout=60) as client:
                 for _ in range(self.fresh_every):
                     try:
-                        status = client.post("/v2/models/wine/infer", json=bodies[sent % 15])
+                        status = client.post("/v2/models/wine/infer", json=self.bodies[sent % 15])
                         code = status.status_code
                     except httpx.TransportError:
                         code = 0  # the connection broke: its worker was killed
