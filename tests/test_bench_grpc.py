@@ -76,10 +76,10 @@ def test_errors_count_by_status_code(live: LiveServer, target: Target, tmp_path:
         result = runner.run(target, "breast_cancer", None, prepared, plan)
         assert (result.tally.ok, result.tally.errors) == outcome
     assert result.tally.rows == 0
-    # Nothing listens: every call fails UNAVAILABLE, and the level still ends.
+    # Nothing listens: every call fails to connect, as over HTTP, and the level still ends.
     nobody = Target("127.0.0.1", free_port(), "", grpc=True)
     result = runner.run(nobody, "m", None, prepared, Plan(concurrency=2, max_requests=6))
-    assert result.tally.errors == {"UNAVAILABLE": 6}
+    assert result.tally.errors == {"connection": 6}
 
 
 def test_open_loop_sends_at_the_rate(target: Target):

@@ -35,6 +35,7 @@ LAYERS = {
         "exposure",
         # HTTP/2 framing for the gRPC transport, on hpack alone.
         "http2",
+        "http2_client",
         # The gRPC protocol's definitions: protoc's output and the pool it registers in.
         "proto",
         "proto.grpc_service_pb2",

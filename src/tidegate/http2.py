@@ -130,6 +130,89 @@ def encode_headers(pairs: list[tuple[bytes, bytes]]) -> bytes:
     return bytes(out)
 
 
+def unpad(flags: int, payload: bytes) -> bytes:
+    """A DATA or HEADERS frame's payload without its padding."""
+    if not flags & PADDED:
+        return payload
+    if not payload or payload[0] >= len(payload):
+        raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "padding longer than its frame")
+    return payload[1 : len(payload) - payload[0]]
+
+
+def header_fragment(flags: int, payload: bytes) -> bytes:
+    """The header block fragment a HEADERS frame carries (padding and priority removed)."""
+    block = unpad(flags, payload)
+    if flags & PRIORITY_FLAG:
+        if len(block) < 5:
+            raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a short HEADERS priority")
+        block = block[5:]
+    return block
+
+
+def header_frames(stream_id: int, block: bytes, end_stream: bool, frame_size: int) -> bytes:
+    """A header block as a HEADERS frame, and CONTINUATIONs when it exceeds `frame_size`."""
+    flags = END_STREAM if end_stream else 0
+    if len(block) <= frame_size:
+        return frame(HEADERS, flags | END_HEADERS, stream_id, block)
+    out = [frame(HEADERS, flags, stream_id, block[:frame_size])]
+    for start in range(frame_size, len(block), frame_size):
+        last = start + frame_size >= len(block)
+        fragment = block[start : start + frame_size]
+        out.append(frame(CONTINUATION, END_HEADERS if last else 0, stream_id, fragment))
+    return b"".join(out)
+
+
+def settings_entries(flags: int, stream_id: int, payload: bytes) -> list[tuple[int, int]] | None:
+    """A SETTINGS frame's (identifier, value) pairs, checked; None for an ACK."""
+    if stream_id:
+        raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
+    if flags & ACK:
+        if payload:
+            raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
+        return None
+    if len(payload) % 6:
+        raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS of a partial entry")
+    entries = [struct.unpack_from(">HI", payload, offset) for offset in range(0, len(payload), 6)]
+    for key, value in entries:
+        if key == INITIAL_WINDOW_SIZE and value > LARGEST_WINDOW:
+            raise ConnectionFault(ErrorCode.FLOW_CONTROL_ERROR, "a window over 2^31-1")
+        if key == MAX_FRAME_SIZE and not DEFAULT_FRAME_SIZE <= value <= LARGEST_FRAME_SIZE:
+            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a frame size out of range")
+    return entries
+
+
+def window_increment(payload: bytes) -> int:
+    """A WINDOW_UPDATE frame's increment (zero is the caller's to judge)."""
+    if len(payload) != 4:
+        raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a WINDOW_UPDATE of 4 bytes")
+    return int.from_bytes(payload, "big") & LARGEST_WINDOW
+
+
+class HeaderDecoder:
+    """HPACK decoding of one connection's header blocks, in order (the peer's dynamic
+    table). A block of one-byte indexed fields alone (a peer's repeated block, all from
+    the tables) leaves the table as it was, so its decoding holds until a block of any
+    other kind may have changed the table."""
+
+    def __init__(self) -> None:
+        self._decoder = Decoder(max_header_list_size=HEADER_BLOCK_LIMIT)
+        self._decoded: dict[bytes, Headers] = {}
+
+    def decode(self, block: bytes) -> Headers:
+        headers = self._decoded.get(block)
+        if headers is not None:
+            return headers
+        try:
+            headers = tuple(self._decoder.decode(block, raw=True))
+        except HPACKError as exc:
+            raise ConnectionFault(ErrorCode.COMPRESSION_ERROR, f"HPACK: {exc}") from exc
+        if block.translate(None, _ONE_BYTE_INDEXED):  # a literal, or a table size update
+            self._decoded.clear()
+        elif len(self._decoded) < DECODED_BLOCKS_KEPT:
+            self._decoded[block] = headers
+        return headers
+
+
 class _Stream:
     __slots__ = (
         "drained",
@@ -166,8 +249,7 @@ class Http2Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._preface_seen = False
-        self._decoder = Decoder(max_header_list_size=HEADER_BLOCK_LIMIT)
-        self._decoded: dict[bytes, Headers] = {}  # see `_decode`
+        self._decoder = HeaderDecoder()
         self._streams: dict[int, _Stream] = {}
         self._last_stream_id = 0
         self._block: tuple[int, int, bytearray] | None = None  # a header block in progress
@@ -308,14 +390,6 @@ class Http2Connection(asyncio.Protocol):
             raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a client may not push")
         # Frames of unknown types are ignored (RFC 9113, 4.1).
 
-    @staticmethod
-    def _unpad(flags: int, payload: bytes) -> bytes:
-        if not flags & PADDED:
-            return payload
-        if not payload or payload[0] >= len(payload):
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "padding longer than its frame")
-        return payload[1 : len(payload) - payload[0]]
-
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         length = len(payload)
         if length > self._receive_window:
@@ -334,7 +408,7 @@ class Http2Connection(asyncio.Protocol):
         if length > stream.receive_window:
             raise StreamFault(stream_id, ErrorCode.FLOW_CONTROL_ERROR)
         stream.receive_window -= length
-        body = self._unpad(flags, payload)
+        body = unpad(flags, payload)
         padding = length - len(body)
         if padding:
             self.consumed(stream_id, padding)
@@ -362,11 +436,7 @@ class Http2Connection(asyncio.Protocol):
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         if not stream_id:
             raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
-        block = self._unpad(flags, payload)
-        if flags & PRIORITY_FLAG:
-            if len(block) < 5:
-                raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a short HEADERS priority")
-            block = block[5:]
+        block = header_fragment(flags, payload)
         if flags & END_HEADERS:
             self._header_block(stream_id, flags, block)
         else:
@@ -383,25 +453,8 @@ class Http2Connection(asyncio.Protocol):
             self._block = None  # END_STREAM is the HEADERS frame's flag
             self._header_block(stream_id, first_flags, bytes(block))
 
-    def _decode(self, block: bytes) -> Headers:
-        """The block's headers. A block of one-byte indexed fields alone (a client's
-        repeated call, all from the tables) leaves the dynamic table as it was, so its
-        decoding holds until a block of any other kind may have changed the table."""
-        headers = self._decoded.get(block)
-        if headers is not None:
-            return headers
-        try:
-            headers = tuple(self._decoder.decode(block, raw=True))
-        except HPACKError as exc:
-            raise ConnectionFault(ErrorCode.COMPRESSION_ERROR, f"HPACK: {exc}") from exc
-        if block.translate(None, _ONE_BYTE_INDEXED):  # a literal, or a table size update
-            self._decoded.clear()
-        elif len(self._decoded) < DECODED_BLOCKS_KEPT:
-            self._decoded[block] = headers
-        return headers
-
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        headers = self._decode(block)
+        headers = self._decoder.decode(block)
         end_stream = bool(flags & END_STREAM)
         if stream_id % 2 == 0:
             raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a client's stream id must be odd")
@@ -426,33 +479,21 @@ class Http2Connection(asyncio.Protocol):
         self._forget_if_done(stream)
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if stream_id:
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & ACK:
-            if payload:
-                raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a SETTINGS ACK with a payload")
+        entries = settings_entries(flags, stream_id, payload)
+        if entries is None:
             return
-        if len(payload) % 6:
-            raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "SETTINGS of a partial entry")
-        for offset in range(0, len(payload), 6):
-            key, value = struct.unpack_from(">HI", payload, offset)
+        for key, value in entries:
             if key == INITIAL_WINDOW_SIZE:
-                if value > LARGEST_WINDOW:
-                    raise ConnectionFault(ErrorCode.FLOW_CONTROL_ERROR, "a window over 2^31-1")
                 change, self._initial_send_window = value - self._initial_send_window, value
                 for stream in self._streams.values():
                     stream.send_window += change
             elif key == MAX_FRAME_SIZE:
-                if not DEFAULT_FRAME_SIZE <= value <= LARGEST_FRAME_SIZE:
-                    raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a frame size out of range")
                 self._peer_frame_size = value
         self._send(frame(SETTINGS, ACK, 0))
         self._unblock()
 
     def _window_update(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a WINDOW_UPDATE of 4 bytes")
-        increment = int.from_bytes(payload, "big") & LARGEST_WINDOW
+        increment = window_increment(payload)
         if not stream_id:
             if not increment:
                 raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
@@ -610,19 +651,7 @@ class Http2Connection(asyncio.Protocol):
         stream.queued -= count
 
     def _send_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
-        size = self._peer_frame_size
-        flags = END_STREAM if end_stream else 0
-        if len(block) <= size:
-            self._send(frame(HEADERS, flags | END_HEADERS, stream_id, block))
-            return
-        self._send(frame(HEADERS, flags, stream_id, block[:size]))
-        for start in range(size, len(block), size):
-            last = start + size >= len(block)
-            self._send(
-                frame(
-                    CONTINUATION, END_HEADERS if last else 0, stream_id, block[start : start + size]
-                )
-            )
+        self._send(header_frames(stream_id, block, end_stream, self._peer_frame_size))
 
     def _unblock(self) -> None:
         for stream in list(self._blocked.values()):

@@ -7,12 +7,16 @@ are and keep the answer's bytes unparsed (identity serializers), so the client p
 for no protobuf per request. A call that ends with status OK is a success; any other
 status counts as an error by its code's name (`NOT_FOUND`, `UNAVAILABLE`, ...).
 
-Concurrency is calls in flight. They share grpc.aio channels, a new channel (its own
-TCP connection: a local subchannel pool, else gRPC would share one connection among
-all channels to a target) for every CALLS_PER_CHANNEL calls in flight, so that one
+Concurrency is calls in flight. They go over tidegate.http2_client, not grpcio's
+client: its CPU per call would be taken from the server measured on the same machine,
+and at one call in flight it was three quarters of the latency measured against
+tidegate. A new connection for every CALLS_PER_CHANNEL calls opened, so that one
 HTTP/2 connection's flow control and framing do not cap the load and a server with
-several workers behind one port gets several connections to spread. In the open
-loop `max_connections` bounds the calls in flight.
+several workers behind one port gets several connections to spread. In the open loop
+`max_connections` bounds the calls in flight. gRPC's own mapping gives a call's status
+when the server answers with an HTTP status or resets the stream instead (the
+UNAVAILABLE of REFUSED_STREAM, ...); a connection that cannot be made or breaks counts
+as `connection`, as over HTTP.
 
 Model metadata and statistics (`prepare` and the server's own times in `tidegate
 bench`) come over gRPC too, with blocking calls outside the load.
@@ -24,8 +28,10 @@ from typing import Any
 
 import grpc
 import numpy as np
-from grpc import aio
 
+from tidegate import __version__
+from tidegate.http2 import encode_headers
+from tidegate.http2_client import Answer, Http2Client, StreamReset
 from tidegate.loadgen import OK, LevelResult, Plan, Tally, Target, run_requests
 from tidegate.proto import grpc_service_pb2 as pb
 from tidegate.proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
@@ -33,19 +39,33 @@ from tidegate.workload import PreparedRequest, encode_request
 
 __all__ = ["CALLS_PER_CHANNEL", "infer_message", "model_metadata", "model_statistics", "run_level"]
 
-# Calls in flight per channel: 8 (c=64 opens 8 connections). Against tidegate on a
+# Calls in flight per connection: 8 (c=64 opens 8 connections). Against tidegate on a
 # 2-vCPU machine, c=64 on the tabular model, 4, 8, 16 and 64 (a single connection) calls
-# per channel were alike within noise (2,570, 2,740, 2,780 and 2,680 req/s, medians of 4
-# rounds: the server's cost per call dominates); 8 keeps each connection's share of
-# stalls small and still gives a server with several workers several connections.
+# per connection were alike within noise (2,570, 2,740, 2,780 and 2,680 req/s, medians of
+# 4 rounds, grpcio's client: the server's cost per call dominates); 8 keeps each
+# connection's share of stalls small and still gives a server with several workers
+# several connections.
 CALLS_PER_CHANNEL = 8
-_INFER = "/inference.GRPCInferenceService/ModelInfer"
-# One TCP connection per channel; messages as large as the server takes.
-_OPTIONS = [
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-]
+_INFER = b"/inference.GRPCInferenceService/ModelInfer"
+_STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+# A stream reset instead of an answer (gRPC's PROTOCOL-HTTP2.md); other codes: INTERNAL.
+_RESET_STATUS = {
+    7: "UNAVAILABLE",  # REFUSED_STREAM
+    8: "CANCELLED",
+    11: "RESOURCE_EXHAUSTED",  # ENHANCE_YOUR_CALM
+    12: "PERMISSION_DENIED",  # INADEQUATE_SECURITY
+}
+# An HTTP status other than 200 instead of a gRPC answer (gRPC's http-grpc-status-mapping).
+_HTTP_STATUS = {
+    b"400": "INTERNAL",
+    b"401": "UNAUTHENTICATED",
+    b"403": "PERMISSION_DENIED",
+    b"404": "UNIMPLEMENTED",
+    b"429": "UNAVAILABLE",
+    b"502": "UNAVAILABLE",
+    b"503": "UNAVAILABLE",
+    b"504": "UNAVAILABLE",
+}
 
 
 def _tensors(request: PreparedRequest) -> Iterator[tuple[dict[str, Any], bytes]]:
@@ -85,45 +105,80 @@ def infer_message(model: str, version: str | None, request: PreparedRequest) -> 
     return message.SerializeToString()
 
 
-class _Call:
-    """A place for one call at a time on a shared channel: what the loops call a
-    connection. Closing one leaves the channel to its other calls."""
+def call_outcome(answer: Answer) -> str:
+    """OK, or the name of the status a gRPC client would report for the answer."""
+    status = next((value for name, value in answer.headers if name == b":status"), None)
+    if status != b"200":
+        return _HTTP_STATUS.get(status or b"", "UNKNOWN")
+    # A failure may come as headers alone ("trailers-only"), without body or trailers.
+    fields = answer.trailers or answer.headers
+    code = next((value for name, value in fields if name == b"grpc-status"), None)
+    if code is None:
+        return "INTERNAL"  # the stream ended without a status
+    return OK if code == b"0" else _STATUS_NAMES.get(int(code), "UNKNOWN")
 
-    def __init__(self, infer: aio.UnaryUnaryMultiCallable[bytes, bytes]) -> None:
-        self._infer = infer
+
+def request_headers(address: str, path: bytes) -> bytes:
+    """A call's header block, the same bytes for every call (nothing indexed)."""
+    return encode_headers(
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path),
+            (b":authority", address.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"user-agent", f"tidegate-bench/{__version__}".encode()),
+        ]
+    )
+
+
+def framed(message: bytes) -> bytes:
+    """A gRPC message as a stream carries it: uncompressed, its length, its bytes."""
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+class _Call:
+    """A place for one call at a time on a shared connection: what the loops call a
+    connection. Closing one leaves the connection to its other calls."""
+
+    def __init__(self, connection: Http2Client, headers: bytes) -> None:
+        self._connection = connection
+        self._headers = headers
 
     async def exchange(self, data: bytes) -> str:
         try:
-            await self._infer(data)
-        except aio.AioRpcError as error:
-            return str(error.code().name)
-        return OK
+            answer = await self._connection.call(self._headers, data)
+        except StreamReset as reset:
+            return _RESET_STATUS.get(reset.code, "INTERNAL")
+        return call_outcome(answer)
 
     def close(self) -> None:
         pass
 
 
-class _Channels:
-    """The channels of one level: a new one for every CALLS_PER_CHANNEL calls opened."""
+class _Connections:
+    """The connections of one level: a new one for every CALLS_PER_CHANNEL calls
+    opened, or when the current one has closed or is going away."""
 
     def __init__(self, target: Target) -> None:
         self._target = target
-        self._channels: list[aio.Channel] = []
-        self._calls = 0
-        self._infer: aio.UnaryUnaryMultiCallable[bytes, bytes] | None = None
+        self._headers = request_headers(target.address, _INFER)
+        self._connections: list[Http2Client] = []
+        self._places = 0  # calls opened on the newest connection
 
     async def open(self) -> _Call:
-        if self._calls % CALLS_PER_CHANNEL == 0 or self._infer is None:
-            channel = aio.insecure_channel(self._target.address, options=_OPTIONS)
-            self._channels.append(channel)
-            # No serializers: the requests are serialized already, the answers kept as bytes.
-            self._infer = channel.unary_unary(_INFER)
-        self._calls += 1
-        return _Call(self._infer)
+        newest = self._connections[-1] if self._connections else None
+        if newest is None or not newest.usable or self._places >= CALLS_PER_CHANNEL:
+            newest = await Http2Client.open(self._target.host, self._target.port)
+            self._connections.append(newest)
+            self._places = 0
+        self._places += 1
+        return _Call(newest, self._headers)
 
-    async def close(self) -> None:
-        for channel in self._channels:
-            await channel.close()
+    def close(self) -> None:
+        for connection in self._connections:
+            connection.close()
 
 
 async def run_level(
@@ -135,12 +190,12 @@ async def run_level(
     tally: Tally | None = None,
 ) -> LevelResult:
     """Runs one load level of ModelInfer calls, as tidegate.loadgen.run_level does over HTTP."""
-    requests = [(infer_message(model, version, r), r.rows) for r in prepared]
-    channels = _Channels(target)
+    requests = [(framed(infer_message(model, version, r)), r.rows) for r in prepared]
+    connections = _Connections(target)
     try:
-        return await run_requests(channels.open, requests, plan, tally)
+        return await run_requests(connections.open, requests, plan, tally)
     finally:
-        await channels.close()
+        connections.close()
 
 
 def _ask(target: Target, method: str, request: Any, timeout: float) -> Any:
