@@ -19,7 +19,7 @@ import h2.events
 import pytest
 
 from tests.conftest import free_port
-from tidegate.http2 import GOAWAY, frame
+from tidegate.http2 import GOAWAY, WINDOW_UPDATE, ErrorCode, frame
 from tidegate.http2_client import Answer, Http2Client, StreamReset
 from tidegate.loadgen import OK
 from tidegate.loadgen_grpc import call_outcome, framed, request_headers
@@ -263,6 +263,24 @@ def test_a_goaway_fails_the_calls_the_server_did_not_take():
             assert not client.usable
             with pytest.raises(ConnectionResetError):
                 await client.call(block, framed(b"late"))
+
+    _run(scenario)
+
+
+def test_a_servers_error_on_one_stream_resets_that_stream_alone():
+    async def scenario() -> None:
+        async with _scripted() as (peer, address, client):
+            block = _headers(ECHO, address)
+            calls = [asyncio.ensure_future(client.call(block, framed(b"x"))) for _ in range(2)]
+            first, second = await peer.requests(2)
+            peer.writer.write(frame(WINDOW_UPDATE, 0, first, bytes(4)))  # an increment of 0
+            with pytest.raises(StreamReset) as reset:
+                await calls[0]
+            assert reset.value.code == ErrorCode.PROTOCOL_ERROR
+            await peer.until(lambda seen: _any(seen, h2.events.StreamReset))
+            peer.answer(second, 0, b"fine")
+            assert _body(await calls[1]) == framed(b"fine")
+            assert client.usable
 
     _run(scenario)
 

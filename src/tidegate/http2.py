@@ -21,7 +21,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from enum import IntEnum
-from typing import Protocol, cast
+from typing import Generic, Protocol, TypeVar, cast
 
 from hpack import Decoder
 from hpack.exceptions import HPACKError
@@ -213,6 +213,214 @@ class HeaderDecoder:
         return headers
 
 
+class _SendWindow(Protocol):
+    send_window: int
+
+
+StreamState = TypeVar("StreamState", bound=_SendWindow)
+
+
+class Http2Endpoint(asyncio.Protocol, Generic[StreamState]):
+    """What either end of a connection does alike: whole frames out of what arrives,
+    header blocks across CONTINUATIONs (decoded in order), the peer's SETTINGS, PINGs,
+    resets and GOAWAY checked, the connection's send window; the role's methods do the
+    rest (`_data`, `_header_block`, `_peer_reset`, `_peer_going_away`, ...).
+    `_streams` maps a stream id to what this side keeps for it, a send window at least."""
+
+    _streams: dict[int, StreamState]
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._decoder = HeaderDecoder()
+        self._block: tuple[int, int, bytearray] | None = None  # a header block in progress
+        self._send_window = DEFAULT_WINDOW
+        self._initial_send_window = DEFAULT_WINDOW
+        self._peer_frame_size = DEFAULT_FRAME_SIZE
+        self._out: list[bytes] = []
+        self._reading = False
+        self._flush_scheduled = False
+        self.loop = asyncio.get_running_loop()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            view: bytes | bytearray = buffer
+        else:
+            view = data
+        self._reading = True
+        try:
+            used = self._frames(view)
+        except ConnectionFault as fault:
+            self._fail(fault)
+            return
+        finally:
+            self._reading = False
+        if buffer:
+            del buffer[:used]
+        elif used < len(data):
+            buffer += data[used:]
+        self._flush()
+
+    def _preface(self, view: bytes | bytearray) -> int | None:
+        """Bytes before the first frame (None: wait for more). A client's side: none."""
+        return 0
+
+    def _frames(self, view: bytes | bytearray) -> int:
+        """Handles every whole frame in `view`; how many bytes that was."""
+        position = self._preface(view)
+        if position is None:
+            return 0
+        size = len(view)
+        while size - position >= 9:
+            length = int.from_bytes(view[position : position + 3], "big")
+            if length > DEFAULT_FRAME_SIZE:  # what this side allows (it never raises it)
+                raise ConnectionFault(
+                    ErrorCode.FRAME_SIZE_ERROR,
+                    f"a frame of {length} bytes is over the {DEFAULT_FRAME_SIZE} allowed",
+                )
+            end = position + 9 + length
+            if end > size:
+                break
+            kind, flags = view[position + 3], view[position + 4]
+            stream_id = int.from_bytes(view[position + 5 : position + 9], "big") & LARGEST_WINDOW
+            payload = bytes(view[position + 9 : end])
+            position = end
+            if self._block is not None and kind != CONTINUATION:
+                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a header block was interrupted")
+            try:
+                self._frame(kind, flags, stream_id, payload)
+            except StreamFault as fault:
+                self._reset(fault.stream_id, fault.code)
+        return position
+
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if kind == DATA:
+            self._data(flags, stream_id, payload)
+        elif kind == HEADERS:
+            if not stream_id:
+                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
+            block = header_fragment(flags, payload)
+            if flags & END_HEADERS:
+                self._header_block(stream_id, flags, block)
+            else:
+                self._block = (stream_id, flags, bytearray(block))
+        elif kind == CONTINUATION:
+            self._continuation(flags, stream_id, payload)
+        elif kind == SETTINGS:
+            self._settings(flags, stream_id, payload)
+        elif kind == PING:
+            if stream_id or len(payload) != 8:
+                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a malformed PING")
+            if not flags & ACK:
+                self._send(frame(PING, ACK, 0, payload))
+        elif kind == WINDOW_UPDATE:
+            self._window_update(stream_id, payload)
+        elif kind == RST_STREAM:
+            if len(payload) != 4:
+                raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a RST_STREAM of 4 bytes")
+            if not stream_id:
+                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            self._peer_reset(stream_id, int.from_bytes(payload, "big"))
+        elif kind == GOAWAY:
+            if stream_id or len(payload) < 8:
+                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a malformed GOAWAY")
+            last, code = struct.unpack_from(">II", payload)
+            self._peer_going_away(last & LARGEST_WINDOW, code)
+        elif kind == PRIORITY:
+            if not stream_id:
+                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        elif kind == PUSH_PROMISE:
+            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "PUSH_PROMISE, never allowed here")
+        # Frames of unknown types are ignored (RFC 9113, 4.1).
+
+    def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if self._block is None or self._block[0] != stream_id:
+            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "CONTINUATION out of a header block")
+        _, first_flags, block = self._block
+        block += payload
+        if len(block) > HEADER_BLOCK_LIMIT:
+            raise ConnectionFault(ErrorCode.ENHANCE_YOUR_CALM, "a header block over 1 MiB")
+        if flags & END_HEADERS:
+            self._block = None  # END_STREAM is the HEADERS frame's flag
+            self._header_block(stream_id, first_flags, bytes(block))
+
+    def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
+        entries = settings_entries(flags, stream_id, payload)
+        if entries is None:
+            return
+        for key, value in entries:
+            if key == INITIAL_WINDOW_SIZE:
+                change, self._initial_send_window = value - self._initial_send_window, value
+                for stream in self._streams.values():
+                    stream.send_window += change
+            elif key == MAX_FRAME_SIZE:
+                self._peer_frame_size = value
+            else:
+                self._setting(key, value)
+        self._send(frame(SETTINGS, ACK, 0))
+        self._unblock()
+
+    def _window_update(self, stream_id: int, payload: bytes) -> None:
+        increment = window_increment(payload)
+        if stream_id:
+            self._stream_window_update(stream_id, increment)
+            return
+        if not increment:
+            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
+        if self._send_window + increment > LARGEST_WINDOW:
+            raise ConnectionFault(ErrorCode.FLOW_CONTROL_ERROR, "a bad connection window")
+        self._send_window += increment
+        self._unblock()
+
+    def _send(self, data: bytes) -> None:
+        """Queues frames: written once the frames read have been handled, or this turn
+        of the loop."""
+        self._out.append(data)
+        if not self._reading and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Everything queued in one write (one syscall per read, or per loop turn)."""
+        self._flush_scheduled = False
+        if self._out and self._transport is not None:
+            out, self._out = self._out, []
+            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    # -- the role's ------------------------------------------------------------------
+
+    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        raise NotImplementedError
+
+    def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+        raise NotImplementedError
+
+    def _setting(self, key: int, value: int) -> None:
+        """A setting other than the window and frame sizes (ignored unless a role
+        needs it)."""
+
+    def _stream_window_update(self, stream_id: int, increment: int) -> None:
+        raise NotImplementedError
+
+    def _unblock(self) -> None:
+        """Sends what was waiting for a window, as far as the windows now allow."""
+        raise NotImplementedError
+
+    def _peer_reset(self, stream_id: int, code: int) -> None:
+        raise NotImplementedError
+
+    def _peer_going_away(self, last_stream_id: int, code: int) -> None:
+        raise NotImplementedError
+
+    def _reset(self, stream_id: int, code: ErrorCode) -> None:
+        raise NotImplementedError
+
+    def _fail(self, fault: ConnectionFault) -> None:
+        raise NotImplementedError
+
+
 class _Stream:
     __slots__ = (
         "drained",
@@ -240,29 +448,19 @@ class _Stream:
         self.drained: asyncio.Future[None] | None = None
 
 
-class Http2Connection(asyncio.Protocol):
+class Http2Connection(Http2Endpoint[_Stream]):
     """One client connection: frames in, frames out, streams handed to `accept`."""
 
     def __init__(self, accept: Accept, connections: set["Http2Connection"]) -> None:
+        super().__init__()
         self._accept = accept
         self._connections = connections
-        self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
         self._preface_seen = False
-        self._decoder = HeaderDecoder()
-        self._streams: dict[int, _Stream] = {}
+        self._streams = {}
         self._last_stream_id = 0
-        self._block: tuple[int, int, bytearray] | None = None  # a header block in progress
-        self._send_window = DEFAULT_WINDOW
-        self._initial_send_window = DEFAULT_WINDOW
-        self._peer_frame_size = DEFAULT_FRAME_SIZE
         self._receive_window = CONNECTION_WINDOW
         self._blocked: dict[int, _Stream] = {}  # streams with DATA waiting for a window
-        self._out: list[bytes] = []
-        self._reading = False
-        self._flush_scheduled = False
         self._going_away = False
-        self.loop = asyncio.get_running_loop()
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -303,92 +501,19 @@ class Http2Connection(asyncio.Protocol):
         assert self._transport is not None
         self._transport.resume_reading()
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        if buffer:
-            buffer += data
-            view: bytes | bytearray = buffer
-        else:
-            view = data
-        self._reading = True
-        try:
-            used = self._frames(view)
-        except ConnectionFault as fault:
-            self._fail(fault)
-            return
-        finally:
-            self._reading = False
-        if buffer:
-            del buffer[:used]
-        elif used < len(data):
-            buffer += data[used:]
-        self._flush()
-
     # -- frames in -------------------------------------------------------------------
 
-    def _frames(self, view: bytes | bytearray) -> int:
-        """Handles every whole frame in `view`; how many bytes that was."""
-        position, size = 0, len(view)
-        if not self._preface_seen:
-            if size < len(PREFACE):
-                if PREFACE.startswith(bytes(view)):
-                    return 0
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-            if view[: len(PREFACE)] != PREFACE:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
-            self._preface_seen = True
-            position = len(PREFACE)
-        while size - position >= 9:
-            length = int.from_bytes(view[position : position + 3], "big")
-            if length > DEFAULT_FRAME_SIZE:
-                raise ConnectionFault(
-                    ErrorCode.FRAME_SIZE_ERROR,
-                    f"a frame of {length} bytes is over the {DEFAULT_FRAME_SIZE} allowed",
-                )
-            end = position + 9 + length
-            if end > size:
-                break
-            kind, flags = view[position + 3], view[position + 4]
-            stream_id = int.from_bytes(view[position + 5 : position + 9], "big") & LARGEST_WINDOW
-            payload = bytes(view[position + 9 : end])
-            position = end
-            if self._block is not None and kind != CONTINUATION:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a header block was interrupted")
-            try:
-                self._frame(kind, flags, stream_id, payload)
-            except StreamFault as fault:
-                self._reset(fault.stream_id, fault.code)
-        return position
-
-    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if kind == DATA:
-            self._data(flags, stream_id, payload)
-        elif kind == HEADERS:
-            self._headers(flags, stream_id, payload)
-        elif kind == CONTINUATION:
-            self._continuation(flags, stream_id, payload)
-        elif kind == SETTINGS:
-            self._settings(flags, stream_id, payload)
-        elif kind == PING:
-            if stream_id or len(payload) != 8:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a malformed PING")
-            if not flags & ACK:
-                self._send(frame(PING, ACK, 0, payload))
-        elif kind == WINDOW_UPDATE:
-            self._window_update(stream_id, payload)
-        elif kind == RST_STREAM:
-            self._peer_reset(stream_id, payload)
-        elif kind == GOAWAY:
-            if stream_id or len(payload) < 8:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a malformed GOAWAY")
-            self._going_away = True
-            self._close_when_done()
-        elif kind == PRIORITY:
-            if not stream_id:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "PRIORITY on stream 0")
-        elif kind == PUSH_PROMISE:
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a client may not push")
-        # Frames of unknown types are ignored (RFC 9113, 4.1).
+    def _preface(self, view: bytes | bytearray) -> int | None:
+        if self._preface_seen:
+            return 0
+        if len(view) < len(PREFACE):
+            if PREFACE.startswith(bytes(view)):
+                return None
+            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+        if view[: len(PREFACE)] != PREFACE:
+            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "not an HTTP/2 connection preface")
+        self._preface_seen = True
+        return len(PREFACE)
 
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         length = len(payload)
@@ -433,26 +558,6 @@ class Http2Connection(asyncio.Protocol):
             raise StreamFault(stream_id, ErrorCode.STREAM_CLOSED)
         return stream
 
-    def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if not stream_id:
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
-        block = header_fragment(flags, payload)
-        if flags & END_HEADERS:
-            self._header_block(stream_id, flags, block)
-        else:
-            self._block = (stream_id, flags, bytearray(block))
-
-    def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if self._block is None or self._block[0] != stream_id:
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "CONTINUATION out of a header block")
-        _, first_flags, block = self._block
-        block += payload
-        if len(block) > HEADER_BLOCK_LIMIT:
-            raise ConnectionFault(ErrorCode.ENHANCE_YOUR_CALM, "a header block over 1 MiB")
-        if flags & END_HEADERS:
-            self._block = None  # END_STREAM is the HEADERS frame's flag
-            self._header_block(stream_id, first_flags, bytes(block))
-
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
         headers = self._decoder.decode(block)
         end_stream = bool(flags & END_STREAM)
@@ -478,30 +583,7 @@ class Http2Connection(asyncio.Protocol):
         stream.listener = self._accept(self, stream_id, headers, end_stream)
         self._forget_if_done(stream)
 
-    def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        entries = settings_entries(flags, stream_id, payload)
-        if entries is None:
-            return
-        for key, value in entries:
-            if key == INITIAL_WINDOW_SIZE:
-                change, self._initial_send_window = value - self._initial_send_window, value
-                for stream in self._streams.values():
-                    stream.send_window += change
-            elif key == MAX_FRAME_SIZE:
-                self._peer_frame_size = value
-        self._send(frame(SETTINGS, ACK, 0))
-        self._unblock()
-
-    def _window_update(self, stream_id: int, payload: bytes) -> None:
-        increment = window_increment(payload)
-        if not stream_id:
-            if not increment:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a WINDOW_UPDATE of 0")
-            if self._send_window + increment > LARGEST_WINDOW:
-                raise ConnectionFault(ErrorCode.FLOW_CONTROL_ERROR, "a bad connection window")
-            self._send_window += increment
-            self._unblock()
-            return
+    def _stream_window_update(self, stream_id: int, increment: int) -> None:
         stream = self._streams.get(stream_id)
         if stream is None:
             if stream_id > self._last_stream_id:
@@ -514,10 +596,8 @@ class Http2Connection(asyncio.Protocol):
         stream.send_window += increment
         self._drain(stream)
 
-    def _peer_reset(self, stream_id: int, payload: bytes) -> None:
-        if len(payload) != 4:
-            raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, "a RST_STREAM of 4 bytes")
-        if not stream_id or stream_id > self._last_stream_id:
+    def _peer_reset(self, stream_id: int, code: int) -> None:
+        if stream_id > self._last_stream_id:
             raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "RST_STREAM of an idle stream")
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
@@ -527,20 +607,11 @@ class Http2Connection(asyncio.Protocol):
                 stream.listener.closed()
         self._close_when_done()
 
+    def _peer_going_away(self, last_stream_id: int, code: int) -> None:
+        self._going_away = True
+        self._close_when_done()
+
     # -- frames out ------------------------------------------------------------------
-
-    def _send(self, data: bytes) -> None:
-        self._out.append(data)
-        if not self._reading and not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Everything queued in one write (one syscall per read, or per loop turn)."""
-        self._flush_scheduled = False
-        if self._out and self._transport is not None:
-            out, self._out = self._out, []
-            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
 
     def send_headers(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         """A header block (from `encode_headers`), in order after DATA still waiting."""

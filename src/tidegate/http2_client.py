@@ -23,53 +23,44 @@ from typing import cast
 
 from tidegate.http2 import (
     ACK,
-    CONTINUATION,
     DATA,
-    DEFAULT_FRAME_SIZE,
     DEFAULT_WINDOW,
     ENABLE_PUSH,
-    END_HEADERS,
     END_STREAM,
     GOAWAY,
-    HEADERS,
     INITIAL_WINDOW_SIZE,
     LARGEST_WINDOW,
     MAX_CONCURRENT_STREAMS,
-    MAX_FRAME_SIZE,
-    PING,
     PREFACE,
-    PUSH_PROMISE,
     RST_STREAM,
     SETTINGS,
     WINDOW_UPDATE,
     ConnectionFault,
     ErrorCode,
-    HeaderDecoder,
     Headers,
+    Http2Endpoint,
+    StreamFault,
     frame,
-    header_fragment,
     header_frames,
-    settings_entries,
     unpad,
-    window_increment,
 )
 
 __all__ = ["Answer", "Http2Client", "StreamReset"]
 
 CONNECTION_WINDOW = 1 << 30  # credited back once half of it has been received
-HEADER_BLOCK_LIMIT = 1 << 20  # an answer's encoded header block, across CONTINUATIONs
 REFUSALS_RETRIED = 8  # times one call is sent again after REFUSED_STREAM (see `call`)
 
 
 class StreamReset(Exception):
-    """The server reset the call's stream (RST_STREAM) with `code`."""
+    """The call's stream was reset with `code`: by the server, or by this side for the
+    server's error on that stream alone."""
 
     def __init__(self, code: int) -> None:
         try:
             name = ErrorCode(code).name
         except ValueError:
             name = str(code)
-        super().__init__(f"the server reset the stream: {name}")
+        super().__init__(f"the stream was reset: {name}")
         self.code = code
 
 
@@ -93,26 +84,19 @@ class _Call:
         self.done = done
 
 
-class Http2Client(asyncio.Protocol):
+class Http2Client(Http2Endpoint[_Call]):
     """One connection to an HTTP/2 server (h2c, prior knowledge) carrying calls."""
 
     def __init__(self) -> None:
-        self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._decoder = HeaderDecoder()
-        self._calls: dict[int, _Call] = {}
+        super().__init__()
+        self._streams = {}
         self._next_stream_id = 1
-        self._block: tuple[int, int, bytearray] | None = None  # a header block in progress
-        self._send_window = DEFAULT_WINDOW
-        self._initial_send_window = DEFAULT_WINDOW
-        self._peer_frame_size = DEFAULT_FRAME_SIZE
         self._peer_streams = 100  # until the server's SETTINGS say (RFC 9113 suggests >= 100)
         self._received = 0  # DATA bytes not yet credited back to the connection
         self._blocked: dict[int, _Call] = {}  # calls with body bytes waiting for a window
         self._stream_waiters: deque[asyncio.Future[None]] = deque()
-        self._out: list[bytes] = []
         self._lost: BaseException | None = None
-        self._settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._settled: asyncio.Future[None] = self.loop.create_future()
 
     @classmethod
     async def open(cls, host: str, port: int) -> "Http2Client":
@@ -146,31 +130,6 @@ class Http2Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(exc or ConnectionResetError("the server closed the connection"))
 
-    def data_received(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        position, size = 0, len(buffer)
-        try:
-            while size - position >= 9:
-                length = int.from_bytes(buffer[position : position + 3], "big")
-                if length > DEFAULT_FRAME_SIZE:  # what this side allows (its SETTINGS)
-                    raise ConnectionFault(ErrorCode.FRAME_SIZE_ERROR, f"a frame of {length} bytes")
-                end = position + 9 + length
-                if end > size:
-                    break
-                kind, flags = buffer[position + 3], buffer[position + 4]
-                stream_id = int.from_bytes(buffer[position + 5 : position + 9], "big")
-                payload = bytes(buffer[position + 9 : end])
-                position = end
-                if self._block is not None and kind != CONTINUATION:
-                    raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a header block was broken")
-                self._frame(kind, flags, stream_id & LARGEST_WINDOW, payload)
-        except ConnectionFault as fault:
-            self._fail(fault)
-            return
-        del buffer[:position]
-        self._flush()
-
     # -- calls -----------------------------------------------------------------------
 
     async def call(self, block: bytes, body: bytes) -> Answer:
@@ -193,12 +152,12 @@ class Http2Client(asyncio.Protocol):
             except StreamReset as reset:
                 refusals += 1
                 retry = reset.code == ErrorCode.REFUSED_STREAM and refusals <= REFUSALS_RETRIED
-                if not (retry and self._calls):
+                if not (retry and self._streams):
                     raise
             await self._next_stream_end()
 
     async def _call_once(self, block: bytes, body: bytes) -> Answer:
-        while self._lost is None and len(self._calls) >= self._peer_streams:
+        while self._lost is None and len(self._streams) >= self._peer_streams:
             await self._next_stream_end()
         if self._lost is not None or self._transport is None:
             raise ConnectionResetError(f"the connection is closed: {self._lost}")
@@ -206,7 +165,7 @@ class Http2Client(asyncio.Protocol):
         self._next_stream_id += 2
         done: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         call = _Call(self._initial_send_window, memoryview(body), done)
-        self._calls[stream_id] = call
+        self._streams[stream_id] = call
         self._out.append(header_frames(stream_id, block, False, self._peer_frame_size))
         self._send_body(stream_id, call)
         self._flush()
@@ -214,9 +173,7 @@ class Http2Client(asyncio.Protocol):
             return await done
         except asyncio.CancelledError:
             if self._forget(stream_id) is not None:
-                cancel = struct.pack(">I", ErrorCode.CANCEL)
-                self._out.append(frame(RST_STREAM, 0, stream_id, cancel))
-                self._flush()
+                self._send(frame(RST_STREAM, 0, stream_id, struct.pack(">I", ErrorCode.CANCEL)))
             raise
 
     async def _next_stream_end(self) -> None:
@@ -229,7 +186,8 @@ class Http2Client(asyncio.Protocol):
             self._transport.close()
 
     def _send_body(self, stream_id: int, call: _Call) -> None:
-        """As much of the call's body as the windows allow; END_STREAM with its last byte."""
+        """As much of the call's body as the windows allow, END_STREAM with its last
+        byte; queued, for the caller's `_flush` or the end of the read to write."""
         body = call.body
         while True:
             allowed = min(self._send_window, call.send_window, self._peer_frame_size)
@@ -259,9 +217,9 @@ class Http2Client(asyncio.Protocol):
 
     def _forget(self, stream_id: int) -> _Call | None:
         """The call leaves the connection; a call waiting for a free stream may start."""
-        call = self._calls.pop(stream_id, None)
+        call = self._streams.pop(stream_id, None)
         self._blocked.pop(stream_id, None)
-        while self._stream_waiters and len(self._calls) < self._peer_streams:
+        while self._stream_waiters and len(self._streams) < self._peer_streams:
             waiter = self._stream_waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
@@ -274,46 +232,12 @@ class Http2Client(asyncio.Protocol):
 
     # -- frames in -------------------------------------------------------------------
 
-    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
-        if kind == DATA:
-            self._data(flags, stream_id, payload)
-        elif kind == HEADERS:
-            if not stream_id:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
-            fragment = header_fragment(flags, payload)
-            if flags & END_HEADERS:
-                self._header_block(stream_id, flags, fragment)
-            else:
-                self._block = (stream_id, flags, bytearray(fragment))
-        elif kind == CONTINUATION:
-            self._continuation(flags, stream_id, payload)
-        elif kind == SETTINGS:
-            self._settings(flags, stream_id, payload)
-        elif kind == PING:
-            if stream_id or len(payload) != 8:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a malformed PING")
-            if not flags & ACK:
-                self._out.append(frame(PING, ACK, 0, payload))
-        elif kind == WINDOW_UPDATE:
-            self._window_update(stream_id, payload)
-        elif kind == RST_STREAM:
-            if len(payload) != 4 or not stream_id:
-                raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a malformed RST_STREAM")
-            call = self._forget(stream_id)
-            if call is not None and not call.done.done():
-                call.done.set_exception(StreamReset(int.from_bytes(payload, "big")))
-        elif kind == GOAWAY:
-            self._go_away(stream_id, payload)
-        elif kind == PUSH_PROMISE:
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a push, which this side disabled")
-        # PRIORITY and frames of unknown types change nothing here.
-
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         self._received += len(payload)
         if self._received >= CONNECTION_WINDOW // 2:
-            self._out.append(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
+            self._send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self._received)))
             self._received = 0
-        call = self._calls.get(stream_id)
+        call = self._streams.get(stream_id)
         if call is None:
             self._check_known(stream_id)
             return  # a call that was cancelled: its late data is dropped
@@ -323,20 +247,9 @@ class Http2Client(asyncio.Protocol):
         if flags & END_STREAM:
             self._finish(stream_id)
 
-    def _continuation(self, flags: int, stream_id: int, payload: bytes) -> None:
-        if self._block is None or self._block[0] != stream_id:
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "CONTINUATION out of a header block")
-        _, first_flags, block = self._block
-        block += payload
-        if len(block) > HEADER_BLOCK_LIMIT:
-            raise ConnectionFault(ErrorCode.ENHANCE_YOUR_CALM, "a header block over 1 MiB")
-        if flags & END_HEADERS:
-            self._block = None
-            self._header_block(stream_id, first_flags, bytes(block))
-
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
         headers = self._decoder.decode(block)  # always: the table must follow the server's
-        call = self._calls.get(stream_id)
+        call = self._streams.get(stream_id)
         if call is None:
             self._check_known(stream_id)
             return
@@ -356,62 +269,55 @@ class Http2Client(asyncio.Protocol):
             raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, f"stream {stream_id} is idle")
 
     def _settings(self, flags: int, stream_id: int, payload: bytes) -> None:
-        entries = settings_entries(flags, stream_id, payload)
-        if entries is None:
-            return
-        for key, value in entries:
-            if key == INITIAL_WINDOW_SIZE:
-                change, self._initial_send_window = value - self._initial_send_window, value
-                for call in self._calls.values():
-                    call.send_window += change
-            elif key == MAX_FRAME_SIZE:
-                self._peer_frame_size = value
-            elif key == MAX_CONCURRENT_STREAMS:
-                self._peer_streams = value
-        self._out.append(frame(SETTINGS, ACK, 0))
-        if not self._settled.done():
+        super()._settings(flags, stream_id, payload)
+        if not flags & ACK and not self._settled.done():
             self._settled.set_result(None)
-        self._unblock()
 
-    def _window_update(self, stream_id: int, payload: bytes) -> None:
-        increment = window_increment(payload)
-        if not stream_id:
-            if not increment or self._send_window + increment > LARGEST_WINDOW:
-                raise ConnectionFault(ErrorCode.FLOW_CONTROL_ERROR, "a bad connection window")
-            self._send_window += increment
-            self._unblock()
-            return
-        call = self._calls.get(stream_id)
+    def _setting(self, key: int, value: int) -> None:
+        if key == MAX_CONCURRENT_STREAMS:
+            self._peer_streams = value
+
+    def _stream_window_update(self, stream_id: int, increment: int) -> None:
+        call = self._streams.get(stream_id)
         if call is None:
+            self._check_known(stream_id)
             return  # a stream that just ended
+        if not increment:
+            raise StreamFault(stream_id, ErrorCode.PROTOCOL_ERROR)
+        if call.send_window + increment > LARGEST_WINDOW:
+            raise StreamFault(stream_id, ErrorCode.FLOW_CONTROL_ERROR)
         call.send_window += increment
         if stream_id in self._blocked:
             self._send_body(stream_id, call)
 
-    def _go_away(self, stream_id: int, payload: bytes) -> None:
+    def _peer_reset(self, stream_id: int, code: int) -> None:
+        call = self._forget(stream_id)
+        if call is None:
+            self._check_known(stream_id)
+        elif not call.done.done():
+            call.done.set_exception(StreamReset(code))
+
+    def _peer_going_away(self, last_stream_id: int, code: int) -> None:
         """No new calls; those the server did not take (above its last id) fail now,
         the others finish, then the server closes the connection."""
-        if stream_id or len(payload) < 8:
-            raise ConnectionFault(ErrorCode.PROTOCOL_ERROR, "a malformed GOAWAY")
-        last = int.from_bytes(payload[:4], "big") & LARGEST_WINDOW
-        code = int.from_bytes(payload[4:8], "big")
         self._lost = ConnectionResetError(f"the server is going away (GOAWAY {code})")
-        for late in [stream for stream in self._calls if stream > last]:
+        for late in [stream for stream in self._streams if stream > last_stream_id]:
             call = self._forget(late)
             if call is not None and not call.done.done():
                 call.done.set_exception(self._lost)
 
     # -- frames out, the end ---------------------------------------------------------
 
-    def _flush(self) -> None:
-        if self._out and self._transport is not None:
-            out, self._out = self._out, []
-            self._transport.write(b"".join(out) if len(out) > 1 else out[0])
+    def _reset(self, stream_id: int, code: ErrorCode) -> None:
+        """The server erred on one stream: it is reset, its call fails."""
+        self._send(frame(RST_STREAM, 0, stream_id, struct.pack(">I", code)))
+        call = self._forget(stream_id)
+        if call is not None and not call.done.done():
+            call.done.set_exception(StreamReset(code))
 
     def _fail(self, fault: ConnectionFault) -> None:
         """A connection error: GOAWAY, close, and every call fails."""
-        debug = str(fault).encode()
-        self._out.append(frame(GOAWAY, 0, 0, struct.pack(">II", 0, fault.code) + debug))
+        self._send(frame(GOAWAY, 0, 0, struct.pack(">II", 0, fault.code) + str(fault).encode()))
         self._flush()
         self._end(ConnectionResetError(f"HTTP/2 {fault.code.name}: {fault}"))
         if self._transport is not None:
@@ -421,7 +327,7 @@ class Http2Client(asyncio.Protocol):
         self._lost = self._lost or error
         if not self._settled.done():
             self._settled.set_exception(error)
-        calls, self._calls = self._calls, {}
+        calls, self._streams = self._streams, {}
         self._blocked.clear()
         for call in calls.values():
             if not call.done.done():
