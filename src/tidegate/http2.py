@@ -1,4 +1,5 @@
-"""The server side of HTTP/2 (RFC 9113), as much as gRPC needs, on an asyncio transport.
+"""HTTP/2 (RFC 9113) as much as gRPC needs, on an asyncio transport: the server side,
+and what both sides share (`Http2Endpoint`; the client is tidegate.http2_client).
 
 Why not grpcio's server, or the `h2` library: with the same grpcio client, answering
 recorded bytes costs grpc.aio's server about 330 us of CPU per call at concurrency 1
