@@ -17,6 +17,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.conftest import free_port
 from tidegate.http2 import GOAWAY, WINDOW_UPDATE, ErrorCode, frame
@@ -289,7 +290,9 @@ def test_a_servers_error_on_one_stream_resets_that_stream_alone():
     ("raw", "what"),
     [
         (frame(6, 0, 0, b"short"), "a PING of 5 bytes"),
-        (frame(0, 0, 0, b"x" * 20_000), "a frame over the 16 KiB this side allows"),
+        # Only the header: the client refuses it on its length (bytes it had not read
+        # would turn its close into a TCP reset that could lose its GOAWAY).
+        ((16_385).to_bytes(3, "big") + bytes(6), "a frame over the 16 KiB this side allows"),
         (frame(5, 4, 1, b"\0\0\0\2"), "a push, disabled by this side"),
         (frame(1, 5, 2, b"\x88"), "an answer on a stream the client never opened"),
         (frame(1, 4, 1, b"\xff\xff\xff\xff"), "a header block HPACK cannot decode"),
@@ -311,3 +314,39 @@ def test_a_malformed_frame_ends_the_connection_and_fails_its_calls(raw: bytes, w
             assert not client.usable
 
     _run(scenario)
+
+
+# Frames of any type, flags, stream and payload: malformed and plausible.
+_ANY_FRAME = st.builds(
+    frame,
+    st.integers(0, 10),
+    st.integers(0, 255),
+    st.sampled_from([0, 1, 2, 3, 5, 7, 99]),
+    st.binary(max_size=40),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_ANY_FRAME, max_size=8))
+def test_any_frames_end_every_call_in_an_answer_or_an_error(frames: list[bytes]):
+    """Whatever the server sends before it closes, each call ends (an answer, a reset,
+    the connection lost) and nothing escapes into the event loop's log."""
+    escaped: list[dict] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: escaped.append(context))
+        async with _scripted() as (peer, address, client):
+            block = _headers(ECHO, address)
+            calls = [asyncio.ensure_future(client.call(block, framed(b"x"))) for _ in range(3)]
+            first, second, _ = await peer.requests(3)
+            peer.answer(first, 0, b"before")
+            peer.writer.write(b"".join(frames))
+            peer.answer(second, 0, b"after")
+            peer.writer.close()
+            done = await asyncio.gather(*calls, return_exceptions=True)
+            assert _body(done[0]) == framed(b"before")  # type: ignore[arg-type]
+            for outcome in done[1:]:
+                assert isinstance(outcome, Answer | StreamReset | ConnectionResetError), outcome
+
+    _run(scenario)
+    assert not escaped

@@ -166,6 +166,8 @@ class Http2Client(Http2Endpoint[_Call]):
         done: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         call = _Call(self._initial_send_window, memoryview(body), done)
         self._streams[stream_id] = call
+        # Written at once. Queueing the calls of one turn of the loop into one write
+        # measured slower at c=64 against tidegate (4.8-5.2k against 5.9-6.0k req/s).
         self._out.append(header_frames(stream_id, block, False, self._peer_frame_size))
         self._send_body(stream_id, call)
         self._flush()
