@@ -1,5 +1,7 @@
 """tidegate against MLServer 1.7.1 over the V2 gRPC protocol, one client for both:
-`tidegate bench --protocol grpc`; and what gRPC costs tidegate's HTTP, in one run.
+`tidegate bench --protocol grpc` (its own HTTP/2 client, tidegate.http2_client, since
+2026-12-06: grpcio's took three quarters of the c=1 latency it measured against
+tidegate); and what gRPC costs tidegate's HTTP, in one run.
 
 Serves the `tabular` model of bench_vs_mlserver.py (the shipped breast_cancer
 logistic regression, one row per request) at once from six servers on 127.0.0.1:
@@ -258,7 +260,7 @@ def versions(mlserver_python: str) -> str:
         [mlserver_python, "-c", probe], capture_output=True, text=True, check=True, cwd="/"
     )
     return (
-        f"{machine(mlserver_python)}; grpcio {grpc.__version__} (tidegate and its client), "
+        f"{machine(mlserver_python)}; grpcio {grpc.__version__} (tidegate's servicers), "
         f"{mls.stdout.strip()} (MLServer)"
     )
 
