@@ -37,7 +37,16 @@ from tidegate.proto import grpc_service_pb2 as pb
 from tidegate.proto.grpc_service_pb2_grpc import GRPCInferenceServiceStub
 from tidegate.workload import PreparedRequest, encode_request
 
-__all__ = ["CALLS_PER_CHANNEL", "infer_message", "model_metadata", "model_statistics", "run_level"]
+__all__ = [
+    "CALLS_PER_CHANNEL",
+    "call_outcome",
+    "framed",
+    "infer_message",
+    "model_metadata",
+    "model_statistics",
+    "request_headers",
+    "run_level",
+]
 
 # Calls in flight per connection: 8 (c=64 opens 8 connections). Against tidegate on a
 # 2-vCPU machine, c=64 on the tabular model, 4, 8, 16 and 64 (a single connection) calls
