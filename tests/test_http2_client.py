@@ -20,10 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.conftest import free_port
+from tidegate.grpc_wire import length_prefixed
 from tidegate.http2 import GOAWAY, WINDOW_UPDATE, ErrorCode, frame
 from tidegate.http2_client import Answer, Http2Client, StreamReset
 from tidegate.loadgen import OK
-from tidegate.loadgen_grpc import call_outcome, framed, request_headers
+from tidegate.loadgen_grpc import call_outcome, request_headers
 
 ECHO = "/test.Echo/Unary"
 TIMEOUT = 10.0
@@ -31,6 +32,11 @@ TIMEOUT = 10.0
 
 def _headers(path: str, address: str) -> bytes:
     return request_headers(address, path.encode())
+
+
+def _start(client: Http2Client, block: bytes, messages: list[bytes]) -> list[asyncio.Task]:
+    """Calls started at once, one per message, to be awaited later."""
+    return [asyncio.ensure_future(client.call(block, length_prefixed(m))) for m in messages]
 
 
 def _body(answer: Answer) -> bytes:
@@ -96,9 +102,9 @@ def test_calls_of_every_size_come_back_whole(echo: EchoServer):
         client = await Http2Client.open(*echo.address.split(":"))
         block = _headers(ECHO, echo.address)
         for message in messages:
-            answer = await client.call(block, framed(message))
+            answer = await client.call(block, length_prefixed(message))
             assert call_outcome(answer) == OK
-            assert _body(answer) == framed(message)
+            assert _body(answer) == length_prefixed(message)
         client.close()
 
     _run(scenario)
@@ -111,8 +117,8 @@ def test_calls_beyond_the_servers_stream_limit_wait_their_turn(echo: EchoServer)
     async def scenario() -> None:
         client = await Http2Client.open(*echo.address.split(":"))
         block = _headers(ECHO, echo.address)
-        answers = await asyncio.gather(*(client.call(block, framed(m)) for m in messages))
-        assert [_body(a) for a in answers] == [framed(m) for m in messages]
+        answers = await asyncio.gather(*(client.call(block, length_prefixed(m)) for m in messages))
+        assert [_body(a) for a in answers] == [length_prefixed(m) for m in messages]
         client.close()
 
     _run(scenario)
@@ -123,12 +129,13 @@ def test_a_refused_call_names_its_status(echo: EchoServer):
         client = await Http2Client.open(*echo.address.split(":"))
         block = _headers(ECHO, echo.address)
         for code in (5, 3, 8, 14):
-            answer = await client.call(block, framed(b"status:%d" % code))
+            answer = await client.call(block, length_prefixed(b"status:%d" % code))
             assert call_outcome(answer) == grpc.StatusCode(_code(code)).name
         # An unknown method: UNIMPLEMENTED, and the connection serves on.
-        unknown = await client.call(_headers("/test.Echo/Nope", echo.address), framed(b""))
+        unknown = await client.call(_headers("/test.Echo/Nope", echo.address), length_prefixed(b""))
         assert call_outcome(unknown) == "UNIMPLEMENTED"
-        assert _body(await client.call(block, framed(b"after"))) == framed(b"after")
+        after = await client.call(block, length_prefixed(b"after"))
+        assert _body(after) == length_prefixed(b"after")
         client.close()
 
     _run(scenario)
@@ -141,9 +148,9 @@ def test_a_cancelled_call_resets_its_stream_and_the_connection_serves_on(echo: E
         client = await Http2Client.open(*echo.address.split(":"))
         block = _headers(ECHO, echo.address)
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(client.call(block, framed(b"slow")), 0.2)
+            await asyncio.wait_for(client.call(block, length_prefixed(b"slow")), 0.2)
         assert await asyncio.to_thread(echo.cancelled.wait, 5)
-        assert _body(await client.call(block, framed(b"next"))) == framed(b"next")
+        assert _body(await client.call(block, length_prefixed(b"next"))) == length_prefixed(b"next")
         assert client.usable
         client.close()
 
@@ -191,7 +198,7 @@ class Peer:
 
     def answer(self, stream_id: int, status: int = 0, body: bytes = b"") -> None:
         self.h2.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
-        self.h2.send_data(stream_id, framed(body))
+        self.h2.send_data(stream_id, length_prefixed(body))
         self.h2.send_headers(stream_id, [("grpc-status", str(status))], end_stream=True)
         self.flush()
 
@@ -225,7 +232,7 @@ def test_answers_statuses_and_resets_from_a_scripted_server():
     async def scenario() -> None:
         async with _scripted() as (peer, address, client):
             block = _headers(ECHO, address)
-            calls = [asyncio.ensure_future(client.call(block, framed(b"%d" % i))) for i in range(4)]
+            calls = _start(client, block, [b"%d" % i for i in range(4)])
             first, second, third, fourth = await peer.requests(4)
             peer.answer(first, 0, b"one")
             peer.answer(second, 9)
@@ -234,7 +241,7 @@ def test_answers_statuses_and_resets_from_a_scripted_server():
             peer.flush()
             done = await asyncio.gather(*calls, return_exceptions=True)
             assert isinstance(done[0], Answer)
-            assert _body(done[0]) == framed(b"one")
+            assert _body(done[0]) == length_prefixed(b"one")
             assert [call_outcome(a) for a in (done[0], done[1], done[3])] == [
                 OK,
                 "FAILED_PRECONDITION",
@@ -254,16 +261,16 @@ def test_a_goaway_fails_the_calls_the_server_did_not_take():
     async def scenario() -> None:
         async with _scripted() as (peer, address, client):
             block = _headers(ECHO, address)
-            calls = [asyncio.ensure_future(client.call(block, framed(b"x"))) for _ in range(3)]
+            calls = _start(client, block, [b"x"] * 3)
             first, _, _ = await peer.requests(3)
             peer.writer.write(frame(GOAWAY, 0, 0, struct.pack(">II", first, 0)))  # h2 would stop
             peer.answer(first, 0, b"taken")
             done = await asyncio.gather(*calls, return_exceptions=True)
-            assert _body(done[0]) == framed(b"taken")  # type: ignore[arg-type]
+            assert _body(done[0]) == length_prefixed(b"taken")  # type: ignore[arg-type]
             assert all(isinstance(d, ConnectionResetError) for d in done[1:])
             assert not client.usable
             with pytest.raises(ConnectionResetError):
-                await client.call(block, framed(b"late"))
+                await client.call(block, length_prefixed(b"late"))
 
     _run(scenario)
 
@@ -272,7 +279,7 @@ def test_a_servers_error_on_one_stream_resets_that_stream_alone():
     async def scenario() -> None:
         async with _scripted() as (peer, address, client):
             block = _headers(ECHO, address)
-            calls = [asyncio.ensure_future(client.call(block, framed(b"x"))) for _ in range(2)]
+            calls = _start(client, block, [b"x"] * 2)
             first, second = await peer.requests(2)
             peer.writer.write(frame(WINDOW_UPDATE, 0, first, bytes(4)))  # an increment of 0
             with pytest.raises(StreamReset) as reset:
@@ -280,7 +287,7 @@ def test_a_servers_error_on_one_stream_resets_that_stream_alone():
             assert reset.value.code == ErrorCode.PROTOCOL_ERROR
             await peer.until(lambda seen: _any(seen, h2.events.StreamReset))
             peer.answer(second, 0, b"fine")
-            assert _body(await calls[1]) == framed(b"fine")
+            assert _body(await calls[1]) == length_prefixed(b"fine")
             assert client.usable
 
     _run(scenario)
@@ -301,7 +308,7 @@ def test_a_servers_error_on_one_stream_resets_that_stream_alone():
 def test_a_malformed_frame_ends_the_connection_and_fails_its_calls(raw: bytes, what: str):
     async def scenario() -> None:
         async with _scripted() as (peer, address, client):
-            call = asyncio.ensure_future(client.call(_headers(ECHO, address), framed(b"x")))
+            [call] = _start(client, _headers(ECHO, address), [b"x"])
             await peer.requests(1)
             peer.writer.write(raw)
             with pytest.raises(ConnectionResetError):
@@ -337,14 +344,14 @@ def test_any_frames_end_every_call_in_an_answer_or_an_error(frames: list[bytes])
         asyncio.get_running_loop().set_exception_handler(lambda _, context: escaped.append(context))
         async with _scripted() as (peer, address, client):
             block = _headers(ECHO, address)
-            calls = [asyncio.ensure_future(client.call(block, framed(b"x"))) for _ in range(3)]
+            calls = _start(client, block, [b"x"] * 3)
             first, second, _ = await peer.requests(3)
             peer.answer(first, 0, b"before")
             peer.writer.write(b"".join(frames))
             peer.answer(second, 0, b"after")
             peer.writer.close()
             done = await asyncio.gather(*calls, return_exceptions=True)
-            assert _body(done[0]) == framed(b"before")  # type: ignore[arg-type]
+            assert _body(done[0]) == length_prefixed(b"before")  # type: ignore[arg-type]
             for outcome in done[1:]:
                 assert isinstance(outcome, Answer | StreamReset | ConnectionResetError), outcome
 

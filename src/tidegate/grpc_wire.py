@@ -70,6 +70,12 @@ def percent_encoded(message: str) -> bytes:
     return bytes(out)
 
 
+def length_prefixed(message: bytes) -> bytes:
+    """A message as a gRPC stream carries it: not compressed (a zero byte), its 4-byte
+    big-endian length, its bytes."""
+    return len(message).to_bytes(5, "big") + message
+
+
 def timeout_seconds(value: bytes) -> float | None:
     """grpc-timeout (`<up to 8 digits><unit>`) in seconds; None if malformed."""
     scale = _TIMEOUT_UNITS.get(value[-1:])
@@ -391,8 +397,7 @@ class Call:
             return
         self.finished = True
         self._stop()
-        data = len(message).to_bytes(5, "big") + message
-        block = ok_trailers(self.trailing)
+        data, block = length_prefixed(message), ok_trailers(self.trailing)
         self.connection.send_whole(self.stream_id, RESPONSE_HEADERS, data, block)
 
     async def write(self, message: Any) -> None:
@@ -403,7 +408,7 @@ class Call:
             self._headers_sent = True
             self.connection.send_headers(self.stream_id, RESPONSE_HEADERS, False)
         raw = _serialized(self.handler.response_serializer, message)
-        self.connection.send_data(self.stream_id, len(raw).to_bytes(5, "big") + raw)
+        self.connection.send_data(self.stream_id, length_prefixed(raw))
         await self.connection.writable(self.stream_id)
 
     def finish(self, code: grpc.StatusCode, message: str) -> None:

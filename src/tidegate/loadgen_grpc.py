@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 
 from tidegate import __version__
+from tidegate.grpc_wire import length_prefixed
 from tidegate.http2 import encode_headers
 from tidegate.http2_client import Answer, Http2Client, StreamReset
 from tidegate.loadgen import OK, LevelResult, Plan, Tally, Target, run_requests
@@ -40,7 +41,6 @@ from tidegate.workload import PreparedRequest, encode_request
 __all__ = [
     "CALLS_PER_CHANNEL",
     "call_outcome",
-    "framed",
     "infer_message",
     "model_metadata",
     "model_statistics",
@@ -142,11 +142,6 @@ def request_headers(address: str, path: bytes) -> bytes:
     )
 
 
-def framed(message: bytes) -> bytes:
-    """A gRPC message as a stream carries it: uncompressed, its length, its bytes."""
-    return b"\0" + len(message).to_bytes(4, "big") + message
-
-
 class _Call:
     """A place for one call at a time on a shared connection: what the loops call a
     connection. Closing one leaves the connection to its other calls."""
@@ -199,7 +194,7 @@ async def run_level(
     tally: Tally | None = None,
 ) -> LevelResult:
     """Runs one load level of ModelInfer calls, as tidegate.loadgen.run_level does over HTTP."""
-    requests = [(framed(infer_message(model, version, r)), r.rows) for r in prepared]
+    requests = [(length_prefixed(infer_message(model, version, r)), r.rows) for r in prepared]
     connections = _Connections(target)
     try:
         return await run_requests(connections.open, requests, plan, tally)
