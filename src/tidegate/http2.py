@@ -238,6 +238,7 @@ class Http2Endpoint(asyncio.Protocol, Generic[StreamState]):
         self._send_window = DEFAULT_WINDOW
         self._initial_send_window = DEFAULT_WINDOW
         self._peer_frame_size = DEFAULT_FRAME_SIZE
+        self._blocked: dict[int, StreamState] = {}  # streams with DATA waiting for a window
         self._out: list[bytes] = []
         self._reading = False
         self._flush_scheduled = False
@@ -406,7 +407,15 @@ class Http2Endpoint(asyncio.Protocol, Generic[StreamState]):
         raise NotImplementedError
 
     def _unblock(self) -> None:
-        """Sends what was waiting for a window, as far as the windows now allow."""
+        """Sends what was waiting for a window, in order, as far as the windows now allow."""
+        for stream_id, stream in list(self._blocked.items()):
+            self._resume(stream_id, stream)
+            if self._send_window <= 0:
+                return
+
+    def _resume(self, stream_id: int, stream: StreamState) -> None:
+        """Sends what the stream has waiting, as far as the windows allow (it leaves
+        `_blocked` once nothing waits)."""
         raise NotImplementedError
 
     def _peer_reset(self, stream_id: int, code: int) -> None:
@@ -460,7 +469,6 @@ class Http2Connection(Http2Endpoint[_Stream]):
         self._streams = {}
         self._last_stream_id = 0
         self._receive_window = CONNECTION_WINDOW
-        self._blocked: dict[int, _Stream] = {}  # streams with DATA waiting for a window
         self._going_away = False
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -725,11 +733,8 @@ class Http2Connection(Http2Endpoint[_Stream]):
     def _send_block(self, stream_id: int, block: bytes, end_stream: bool) -> None:
         self._send(header_frames(stream_id, block, end_stream, self._peer_frame_size))
 
-    def _unblock(self) -> None:
-        for stream in list(self._blocked.values()):
-            self._drain(stream)
-            if self._send_window <= 0:
-                return
+    def _resume(self, stream_id: int, stream: _Stream) -> None:
+        self._drain(stream)
 
     @staticmethod
     def _wake(stream: _Stream) -> None:

@@ -93,7 +93,6 @@ class Http2Client(Http2Endpoint[_Call]):
         self._next_stream_id = 1
         self._peer_streams = 100  # until the server's SETTINGS say (RFC 9113 suggests >= 100)
         self._received = 0  # DATA bytes not yet credited back to the connection
-        self._blocked: dict[int, _Call] = {}  # calls with body bytes waiting for a window
         self._stream_waiters: deque[asyncio.Future[None]] = deque()
         self._lost: BaseException | None = None
         self._settled: asyncio.Future[None] = self.loop.create_future()
@@ -211,11 +210,8 @@ class Http2Client(Http2Endpoint[_Call]):
         self._send_window -= count
         call.send_window -= count
 
-    def _unblock(self) -> None:
-        for stream_id, call in list(self._blocked.items()):
-            self._send_body(stream_id, call)
-            if self._send_window <= 0:
-                return
+    def _resume(self, stream_id: int, call: _Call) -> None:
+        self._send_body(stream_id, call)
 
     def _forget(self, stream_id: int) -> _Call | None:
         """The call leaves the connection; a call waiting for a free stream may start."""
@@ -231,6 +227,13 @@ class Http2Client(Http2Endpoint[_Call]):
         call = self._forget(stream_id)
         if call is not None and not call.done.done():
             call.done.set_result(call.answer)
+
+    def _fail_call(self, stream_id: int, error: BaseException) -> _Call | None:
+        """The call leaves the connection, failing with `error` (None: no such call)."""
+        call = self._forget(stream_id)
+        if call is not None and not call.done.done():
+            call.done.set_exception(error)
+        return call
 
     # -- frames in -------------------------------------------------------------------
 
@@ -293,29 +296,22 @@ class Http2Client(Http2Endpoint[_Call]):
             self._send_body(stream_id, call)
 
     def _peer_reset(self, stream_id: int, code: int) -> None:
-        call = self._forget(stream_id)
-        if call is None:
+        if self._fail_call(stream_id, StreamReset(code)) is None:
             self._check_known(stream_id)
-        elif not call.done.done():
-            call.done.set_exception(StreamReset(code))
 
     def _peer_going_away(self, last_stream_id: int, code: int) -> None:
         """No new calls; those the server did not take (above its last id) fail now,
         the others finish, then the server closes the connection."""
         self._lost = ConnectionResetError(f"the server is going away (GOAWAY {code})")
         for late in [stream for stream in self._streams if stream > last_stream_id]:
-            call = self._forget(late)
-            if call is not None and not call.done.done():
-                call.done.set_exception(self._lost)
+            self._fail_call(late, self._lost)
 
     # -- frames out, the end ---------------------------------------------------------
 
     def _reset(self, stream_id: int, code: ErrorCode) -> None:
         """The server erred on one stream: it is reset, its call fails."""
         self._send(frame(RST_STREAM, 0, stream_id, struct.pack(">I", code)))
-        call = self._forget(stream_id)
-        if call is not None and not call.done.done():
-            call.done.set_exception(StreamReset(code))
+        self._fail_call(stream_id, StreamReset(code))
 
     def _fail(self, fault: ConnectionFault) -> None:
         """A connection error: GOAWAY, close, and every call fails."""
