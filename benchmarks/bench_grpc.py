@@ -63,6 +63,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from bench_dashboard import cpu_seconds
 from bench_vs_mlserver import (
     INPUT_SEEDS,
     Payload,
@@ -183,12 +184,6 @@ def start_floor(mode: str, answers: tuple[Path, Path], root: Path) -> Server:
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     return Server(f"floor, {FLOORS[mode]}", False, port, process, log)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU time a live process has used."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def served(cell: Cell) -> int:
