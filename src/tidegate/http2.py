@@ -376,6 +376,13 @@ class Http2Endpoint(asyncio.Protocol, Generic[StreamState]):
         self._send_window += increment
         self._unblock()
 
+    def _unblock(self) -> None:
+        """Sends what was waiting for a window, in order, as far as the windows now allow."""
+        for stream_id, stream in list(self._blocked.items()):
+            self._resume(stream_id, stream)
+            if self._send_window <= 0:
+                return
+
     def _send(self, data: bytes) -> None:
         """Queues frames: written once the frames read have been handled, or this turn
         of the loop."""
@@ -405,13 +412,6 @@ class Http2Endpoint(asyncio.Protocol, Generic[StreamState]):
 
     def _stream_window_update(self, stream_id: int, increment: int) -> None:
         raise NotImplementedError
-
-    def _unblock(self) -> None:
-        """Sends what was waiting for a window, in order, as far as the windows now allow."""
-        for stream_id, stream in list(self._blocked.items()):
-            self._resume(stream_id, stream)
-            if self._send_window <= 0:
-                return
 
     def _resume(self, stream_id: int, stream: StreamState) -> None:
         """Sends what the stream has waiting, as far as the windows allow (it leaves
