@@ -31,7 +31,7 @@ import numpy as np
 
 from tidegate import __version__
 from tidegate.grpc_wire import length_prefixed
-from tidegate.http2 import encode_headers
+from tidegate.http2 import ErrorCode, encode_headers
 from tidegate.http2_client import Answer, Http2Client, StreamReset
 from tidegate.loadgen import OK, LevelResult, Plan, Tally, Target, run_requests
 from tidegate.proto import grpc_service_pb2 as pb
@@ -58,11 +58,11 @@ CALLS_PER_CHANNEL = 8
 _INFER = b"/inference.GRPCInferenceService/ModelInfer"
 _STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # A stream reset instead of an answer (gRPC's PROTOCOL-HTTP2.md); other codes: INTERNAL.
-_RESET_STATUS = {
-    7: "UNAVAILABLE",  # REFUSED_STREAM
-    8: "CANCELLED",
-    11: "RESOURCE_EXHAUSTED",  # ENHANCE_YOUR_CALM
-    12: "PERMISSION_DENIED",  # INADEQUATE_SECURITY
+_RESET_STATUS: dict[int, str] = {
+    ErrorCode.REFUSED_STREAM: "UNAVAILABLE",
+    ErrorCode.CANCEL: "CANCELLED",
+    ErrorCode.ENHANCE_YOUR_CALM: "RESOURCE_EXHAUSTED",
+    ErrorCode.INADEQUATE_SECURITY: "PERMISSION_DENIED",
 }
 # An HTTP status other than 200 instead of a gRPC answer (gRPC's http-grpc-status-mapping).
 _HTTP_STATUS = {
