@@ -56,7 +56,7 @@ async def serve_asyncio(address: str, answers: dict[str, bytes]) -> None:
 
 
 async def serve_tidegate(port: int, answers: dict[str, bytes]) -> None:
-    server = GrpcServer(max_message_bytes=4 << 20)
+    server = GrpcServer(max_message_bytes=4 << 20, busy_poll=None)
     server.add_generic_rpc_handlers((handler(answers, asynchronous=True),))
     await server.start("127.0.0.1", port)
     await asyncio.Event().wait()  # until the benchmark stops the process

@@ -29,7 +29,7 @@ def address() -> Iterator[str]:
     """A GrpcServer on its own event loop in a thread, serving bytes-only handlers."""
     loop = asyncio.new_event_loop()
     port = free_port()
-    server = GrpcServer(max_message_bytes=1 << 20)
+    server = GrpcServer(max_message_bytes=1 << 20, busy_poll=None)
     methods = {
         "Reverse": grpc.unary_unary_rpc_method_handler(_reversed),
         "Double": grpc.stream_stream_rpc_method_handler(_each_doubled),

@@ -31,6 +31,7 @@ LAYERS = {
         "jsonlog",
         "pending",
         "eager",
+        "busy_poll",
         "supervisor",
         "exposure",
         # HTTP/2 framing for the gRPC transport, on hpack alone.

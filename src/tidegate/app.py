@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from tidegate.access import AccessGate
 from tidegate.auth import AuthFile
+from tidegate.busy_poll import BusyPoll
 from tidegate.canary import Traffic
 from tidegate.config import GRPC_GRACE_S, ServerConfig
 from tidegate.control import ControlPlane
@@ -103,10 +104,12 @@ def _routes(plane: DataPlane) -> list[Route]:
 @dataclass(frozen=True)
 class Application:
     """The server's two ways in: the ASGI application, and the answerer of infer
-    requests that the HTTP connection hands over without an ASGI cycle (`direct`)."""
+    requests that the HTTP connection hands over without an ASGI cycle (`direct`); and
+    the busy polling its connections share, HTTP's and gRPC's (None: off)."""
 
     asgi: ASGIApp
     direct_infer: DirectInfer
+    busy_poll: BusyPoll | None
 
 
 def create_app(config: ServerConfig) -> Application:
@@ -118,6 +121,7 @@ def create_app(config: ServerConfig) -> Application:
     executor = InferenceExecutor(config.executor_threads)
     registry = Registry(config.repository, executor)
     observer = DriftObserver()
+    busy_poll = BusyPoll(config.busy_poll_us / 1e6) if config.busy_poll_us else None
     traffic = Traffic(registry, observer)
     state_dir = config.state_dir or config.repository / ".tidegate"
     control = ControlPlane(registry, traffic, state_dir, worker_peers())
@@ -188,7 +192,7 @@ def create_app(config: ServerConfig) -> Application:
 
             service = grpc_transport.InferenceService(router.core, control, executor, auth)
             grpc_server = await grpc_transport.start(
-                service, config.host, config.grpc_port, config.max_body_bytes
+                service, config.host, config.grpc_port, config.max_body_bytes, busy_poll
             )
         try:
             yield
@@ -228,7 +232,7 @@ def create_app(config: ServerConfig) -> Application:
     )
     router = InferRouter(app, registry, traffic, observer, config.max_body_bytes, request_log)
     asgi: ASGIApp = router if auth is None else AccessGate(router, auth)
-    return Application(asgi, DirectInfer(router, auth))
+    return Application(asgi, DirectInfer(router, auth), busy_poll)
 
 
 def _audit_reloads(control: ControlPlane) -> Callable[[bool, str], None]:

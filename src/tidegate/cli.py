@@ -37,7 +37,12 @@ from tidegate.cli_rollout import (
     rollout,
     traffic,
 )
-from tidegate.config import DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
+from tidegate.config import (
+    DEFAULT_BUSY_POLL_US,
+    DEFAULT_KEEP_ALIVE_S,
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_HEADERS,
+)
 
 if TYPE_CHECKING:
     from tidegate.client import ControlClient, IndexRow, ServerMetadata
@@ -85,6 +90,14 @@ def main() -> None:
     show_default=True,
     type=click.IntRange(1),
     help="Seconds an idle connection stays open after its last response.",
+)
+@click.option(
+    "--busy-poll-us",
+    default=DEFAULT_BUSY_POLL_US,
+    show_default=True,
+    type=click.IntRange(0, 1_000_000),
+    help="Microseconds the event loop keeps polling after a response when clients come "
+    "straight back with their next request, instead of sleeping (0: off).",
 )
 @click.option(
     "--threads",
@@ -172,6 +185,7 @@ def serve(
     max_header_size: int,
     max_headers: int,
     keep_alive_timeout: int,
+    busy_poll_us: int,
     threads: int | None,
     poll_interval: float | None,
     state_dir: Path | None,
@@ -199,6 +213,7 @@ def serve(
         max_header_bytes=max_header_size,
         max_headers=max_headers,
         keep_alive_s=keep_alive_timeout,
+        busy_poll_us=busy_poll_us,
         poll_interval=poll_interval,
         log_level=log_level,
         log_format=log_format,

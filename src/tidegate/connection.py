@@ -47,6 +47,7 @@ from typing import Any, ClassVar
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from tidegate.busy_poll import BusyPoll
 from tidegate.direct import DirectCycle, DirectInfer, response_bytes
 from tidegate.eager import run_eagerly
 from tidegate.errors import BadRequest, HeadersTooLarge, TidegateError, UriTooLong
@@ -111,6 +112,7 @@ class HttpProtocol(HttpToolsProtocol):
     max_header_bytes: ClassVar[int]
     max_headers: ClassVar[int]
     direct_infer: ClassVar[DirectInfer | None]
+    busy_poll: ClassVar[BusyPoll | None]
 
     # The size of the read being parsed; per request: whether its head is still being
     # read, whether it is known to fit (it began in a read no larger than the limit and
@@ -142,6 +144,8 @@ class HttpProtocol(HttpToolsProtocol):
             self._start_asgi_task(cycle, app)
             return
         self._idle_since = self.loop.time()
+        if self.busy_poll is not None:
+            self.busy_poll.answered(self.loop)
         if self._idle_timer is None:
             self._idle_timer = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_check)
 
@@ -169,7 +173,10 @@ class HttpProtocol(HttpToolsProtocol):
             self._idle_timer = None
 
     def data_received(self, data: bytes) -> None:
-        self._idle_since = None  # no longer idle (see `_keep_alive_check`)
+        if self._idle_since is not None:  # no longer idle (see `_keep_alive_check`)
+            self._idle_since = None
+            if self.busy_poll is not None:
+                self.busy_poll.request_arrived()
         self._read_size = len(data)
         in_head = self._in_head
         if in_head:
@@ -348,11 +355,14 @@ def _shown(name: bytes) -> str:
 
 
 def protocol_class(
-    max_header_bytes: int, max_headers: int, direct_infer: DirectInfer | None
+    max_header_bytes: int,
+    max_headers: int,
+    direct_infer: DirectInfer | None,
+    busy_poll: BusyPoll | None,
 ) -> type[HttpProtocol]:
-    """`HttpProtocol` with the server's limits and answerer of infer requests, for
-    uvicorn's `http` option (which builds the protocol itself, so they travel as class
-    attributes)."""
+    """`HttpProtocol` with the server's limits, answerer of infer requests and busy
+    polling (None: off), for uvicorn's `http` option (which builds the protocol itself,
+    so they travel as class attributes)."""
 
     class ServerHttpProtocol(HttpProtocol):
         pass
@@ -360,4 +370,5 @@ def protocol_class(
     ServerHttpProtocol.max_header_bytes = max_header_bytes
     ServerHttpProtocol.max_headers = max_headers
     ServerHttpProtocol.direct_infer = direct_infer
+    ServerHttpProtocol.busy_poll = busy_poll
     return ServerHttpProtocol

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from tidegate import __version__, grpc_codec
 from tidegate.auth import AuthFile, Role
+from tidegate.busy_poll import BusyPoll
 from tidegate.control import ControlPlane
 from tidegate.errors import (
     BadRequest,
@@ -336,11 +337,16 @@ def _handlers(service: InferenceService) -> grpc.GenericRpcHandler:
 
 
 async def start(
-    service: InferenceService, host: str, port: int, max_message_bytes: int
+    service: InferenceService,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    busy_poll: BusyPoll | None,
 ) -> GrpcServer:
     """The gRPC server on `host:port` (SO_REUSEPORT, as HTTP: every worker binds it),
-    with the standard health service and server reflection."""
-    server = GrpcServer(max_message_bytes)
+    with the standard health service and server reflection, polling after its answers
+    as `busy_poll` says (None: not)."""
+    server = GrpcServer(max_message_bytes, busy_poll)
     server.add_generic_rpc_handlers((_handlers(service),))
     # The generated registration functions use only the two methods GrpcServer has.
     registry = cast(grpc.aio.Server, server)

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import grpc
 
 from tidegate import http2
+from tidegate.busy_poll import BusyPoll
 from tidegate.eager import run_eagerly
 from tidegate.http2 import Headers, Http2Connection
 
@@ -449,8 +450,9 @@ class GrpcServer:
     """Method handlers served on a port; grpcio's server API as far as the generated
     `add_..._to_server` functions and `reflection` use it."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, busy_poll: BusyPoll | None) -> None:
         self.max_message_bytes = max_message_bytes
+        self.busy_poll = busy_poll
         self.calls: set[asyncio.Task[None]] = set()
         self._generic: list[grpc.GenericRpcHandler] = []
         self._methods: dict[str, Any] = {}
@@ -469,7 +471,7 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         try:
             self._listener = await loop.create_server(
-                lambda: Http2Connection(self.accept, self._connections),
+                lambda: Http2Connection(self.accept, self._connections, self.busy_poll),
                 host,
                 port,
                 reuse_port=True,

@@ -27,6 +27,8 @@ from typing import Generic, Protocol, TypeVar, cast
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
+from tidegate.busy_poll import BusyPoll
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # Frame types and flags.
@@ -462,10 +464,13 @@ class _Stream:
 class Http2Connection(Http2Endpoint[_Stream]):
     """One client connection: frames in, frames out, streams handed to `accept`."""
 
-    def __init__(self, accept: Accept, connections: set["Http2Connection"]) -> None:
+    def __init__(
+        self, accept: Accept, connections: set["Http2Connection"], busy_poll: BusyPoll | None
+    ) -> None:
         super().__init__()
         self._accept = accept
         self._connections = connections
+        self._busy_poll = busy_poll
         self._preface_seen = False
         self._streams = {}
         self._last_stream_id = 0
@@ -477,6 +482,7 @@ class Http2Connection(Http2Endpoint[_Stream]):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._transport = transport
+        self._loop = asyncio.get_running_loop()
         self._connections.add(self)
         settings = struct.pack(
             ">HIHIHIHI",
@@ -587,6 +593,8 @@ class Http2Connection(Http2Endpoint[_Stream]):
         self._last_stream_id = stream_id
         if self._going_away or len(self._streams) >= STREAMS_AT_ONCE:
             raise StreamFault(stream_id, ErrorCode.REFUSED_STREAM)
+        if self._busy_poll is not None and not self._streams:
+            self._busy_poll.request_arrived()  # a call on a connection that was idle
         stream = _Stream(stream_id, self._initial_send_window)
         stream.remote_closed = end_stream
         self._streams[stream_id] = stream
@@ -752,6 +760,8 @@ class Http2Connection(Http2Endpoint[_Stream]):
         if not stream.remote_closed:
             self._send(frame(RST_STREAM, 0, stream.id, struct.pack(">I", ErrorCode.NO_ERROR)))
         del self._streams[stream.id]
+        if self._busy_poll is not None:
+            self._busy_poll.answered(self._loop)
         self._close_when_done()
 
     # -- the connection's end --------------------------------------------------------

@@ -44,7 +44,10 @@ def serve(
         # and infer requests without an ASGI cycle, except with the access log (which
         # uvicorn's cycle writes).
         http=protocol_class(
-            config.max_header_bytes, config.max_headers, None if access_log else app.direct_infer
+            config.max_header_bytes,
+            config.max_headers,
+            None if access_log else app.direct_infer,
+            app.busy_poll,
         ),
         timeout_keep_alive=config.keep_alive_s,
         lifespan="on",
