@@ -4,7 +4,7 @@ A client that sends its next request as soon as it has the answer (one caller in
 loop, a pipeline stage, a benchmark at concurrency 1) finds the server's event loop
 asleep in `epoll_wait`. On a virtual machine an idle vCPU halts, and the wake-up its
 request then needs (an interrupt, a VM exit and entry, caches gone cold while
-halted) was 30-60 us of a 150-250 us round trip on this project's benchmark machine.
+halted) was 30-45 us of a 220-270 us round trip on this project's benchmark machine.
 Polling for a short window after each response instead of blocking keeps the vCPU
 awake for the request that is about to come, as onnxruntime's own thread pools spin
 before they sleep, and as Linux's `SO_BUSY_POLL` does for sockets.
