@@ -618,8 +618,8 @@ def _row(r: Result) -> str:
     )
 
 
-def machine(mlserver_python: str) -> str:
-    """CPU, cores and the versions of everything measured."""
+def this_machine() -> str:
+    """CPU, cores and the versions of tidegate's side (wrk included)."""
     cpuinfo = Path("/proc/cpuinfo").read_text()
     cpu = next(
         (
@@ -630,6 +630,15 @@ def machine(mlserver_python: str) -> str:
         platform.machine(),
     )
     cores = sum(line.startswith("processor") for line in cpuinfo.splitlines())
+    wrk = subprocess.run([WRK, "-v"], capture_output=True, text=True, check=False).stdout.split()[1]
+    return (
+        f"{cpu}, {cores} cores; tidegate {tidegate.__version__} "
+        f"(Python {platform.python_version()}, onnxruntime {ort.__version__}); wrk {wrk}"
+    )
+
+
+def machine(mlserver_python: str) -> str:
+    """This machine, and the versions of MLServer's side."""
     probe = (
         "import sys, mlserver, onnxruntime; "
         "print(mlserver.__version__, onnxruntime.__version__, sys.version.split()[0])"
@@ -638,12 +647,7 @@ def machine(mlserver_python: str) -> str:
         [mlserver_python, "-c", probe], capture_output=True, text=True, check=True, cwd="/"
     )
     mls_version, mls_ort, mls_py = mls.stdout.split()
-    wrk = subprocess.run([WRK, "-v"], capture_output=True, text=True, check=False).stdout.split()[1]
-    return (
-        f"{cpu}, {cores} cores; tidegate {tidegate.__version__} "
-        f"(Python {platform.python_version()}, onnxruntime {ort.__version__}); "
-        f"MLServer {mls_version} (Python {mls_py}, onnxruntime {mls_ort}); wrk {wrk}"
-    )
+    return f"{this_machine()}; MLServer {mls_version} (Python {mls_py}, onnxruntime {mls_ort})"
 
 
 def _find(results: list[Result], **match: object) -> Result | None:
