@@ -12,10 +12,19 @@ thread's included), and their medians over the rounds. A slow spell of a shared
 machine moves one cell of a round and so the ratio of the totals; the median of
 the rounds' ratios leaves it out.
 
-    python benchmarks/bench_drift.py [--duration 5] [--rounds 2]
+`--placement split` pins both servers (every thread) to CPU 1 and this client to
+CPU 0: unpinned, whichever vCPU a server's event loop lands on, and what else runs
+there, moved one server's throughput by 10-20 % for minutes at a time on the
+2-vCPU benchmark machine, in either direction. `--control` serves the "off" side
+with drift on too: an on/on run, whose ratios show what the bench itself puts
+between two identical servers.
+
+    python benchmarks/bench_drift.py [--duration 5] [--rounds 2] [--placement any|split]
+        [--control]
 """
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -41,6 +50,12 @@ def without_drift(target: Path) -> Path:
         text = config.read_text() if config.exists() else ""
         config.write_text(text + "\n[drift]\nenabled = false\n")
     return target
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process onto `cpus` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
 
 
 def drift_bytes_per_feature() -> tuple[int, int]:
@@ -94,15 +109,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--placement", choices=("any", "split"), default="any")
+    parser.add_argument("--control", action="store_true", help="drift on in both servers")
     args = parser.parse_args()
     request = infer_request(MODEL, VERSION, first_row(MODEL, VERSION), binary=False)
     with tempfile.TemporaryDirectory() as scratch:
         ports = {"on": free_port(), "off": free_port()}
+        off_models = Path(scratch) / "models"
+        if args.control:
+            shutil.copytree(MODELS, off_models)
+        else:
+            without_drift(off_models)
         servers = {
             "on": start_server(ports["on"], MODELS),
-            "off": start_server(ports["off"], without_drift(Path(scratch) / "models")),
+            "off": start_server(ports["off"], off_models),
         }
         try:
+            if args.placement == "split":
+                for server in servers.values():
+                    pin(server.pid, {1})
+                os.sched_setaffinity(0, {0})
             results: dict[tuple[str, int], list[Result]] = {}
             cpu_per_request: dict[tuple[str, int], list[float]] = {}
             for round_number in range(args.rounds):
@@ -124,7 +150,8 @@ def main() -> None:
                 server.wait(30)
     print(
         f"# {MODEL} v{VERSION}, V2 JSON, 1 row per request, {args.rounds} rounds of "
-        f"{args.duration:g} s per cell\n"
+        f"{args.duration:g} s per cell, placement {args.placement}"
+        f"{', CONTROL: drift on in both servers' if args.control else ''}\n"
     )
     print("| conc | drift | req/s | p50 ms | p99 ms | req/s on/off | p50 on/off | p99 on/off |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
