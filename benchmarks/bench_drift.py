@@ -12,6 +12,13 @@ thread's included), and their medians over the rounds. A slow spell of a shared
 machine moves one cell of a round and so the ratio of the totals; the median of
 the rounds' ratios leaves it out.
 
+`--simultaneous` measures concurrency 64 differently: both servers pinned to CPU 1
+and loaded at the same time, one wrk each (on CPU 0, 64 connections), so that they
+share one CPU and whatever the machine does at each instant; the ratio of the
+requests they answer is then the inverse ratio of their CPU cost per request, and
+the machine's wandering, which moves sequential cells by 10-20 %, cancels within
+each round. Which wrk starts first alternates by round.
+
 `--placement split` pins both servers (every thread) to CPU 1 and this client to
 CPU 0: unpinned, whichever vCPU a server's event loop lands on, and what else runs
 there, moved one server's throughput by 10-20 % for minutes at a time on the
@@ -20,7 +27,7 @@ with drift on too: an on/on run, whose ratios show what the bench itself puts
 between two identical servers.
 
     python benchmarks/bench_drift.py [--duration 5] [--rounds 2] [--placement any|split]
-        [--control]
+        [--control] [--simultaneous]
 """
 
 import argparse
@@ -28,10 +35,12 @@ import os
 import shutil
 import statistics
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+import bench_vs_mlserver as vs
 from bench_dashboard import cpu_seconds
 from bench_http import Result, bench_http, first_row, free_port, infer_request, start_server
 from tidegate.config import ModelConfig
@@ -105,12 +114,55 @@ def print_rounds(
     )
 
 
+def at_once(ports: dict[str, int], body: Path, first: str, seconds: float) -> dict[str, float]:
+    """Both servers under wrk at the same time (`first`'s started first); req/s each."""
+    order = [first, *(mode for mode in ports if mode != first)]
+    with ThreadPoolExecutor(len(order)) as pool:
+        runs = {
+            mode: pool.submit(
+                vs.run_wrk, ports[mode], MODEL, body, None, 64, seconds, version=str(VERSION)
+            )
+            for mode in order
+        }
+        raw = {mode: run.result() for mode, run in runs.items()}
+    for mode, numbers in raw.items():
+        if numbers["errors"] or numbers["status_errors"]:
+            raise RuntimeError(f"wrk saw errors from the {mode} server: {numbers}")
+    return {mode: n["requests"] / (n["duration_us"] / 1e6) for mode, n in raw.items()}
+
+
+def simultaneous(ports: dict[str, int], request: bytes, rounds: int, seconds: float) -> None:
+    """Rounds of `at_once` at concurrency 64, printed with their on/off ratios."""
+    vs.placement = vs.PLACEMENTS["split"]  # wrk on CPU 0
+    with tempfile.NamedTemporaryFile(suffix=".json") as body:
+        Path(body.name).write_bytes(request.split(b"\r\n\r\n", 1)[1])
+        at_once(ports, Path(body.name), "on", 1.0)  # warm
+        pairs = [
+            at_once(ports, Path(body.name), ("on", "off")[number % 2], seconds)
+            for number in range(rounds)
+        ]
+    print("| round | started first | req/s on | req/s off | on/off |\n|---:|---|---:|---:|---:|")
+    for number, pair in enumerate(pairs, 1):
+        first = ("on", "off")[(number - 1) % 2]
+        print(
+            f"| {number} | {first} | {pair['on']:,.0f} | {pair['off']:,.0f} | "
+            f"{pair['on'] / pair['off']:.3f} |"
+        )
+    ratios = [pair["on"] / pair["off"] for pair in pairs]
+    totals = sum(pair["on"] for pair in pairs) / sum(pair["off"] for pair in pairs)
+    print(
+        f"\nConcurrency 64, both servers at once: req/s on/off {totals:.3f} (totals), "
+        f"{statistics.median(ratios):.3f} (median of the rounds)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--placement", choices=("any", "split"), default="any")
     parser.add_argument("--control", action="store_true", help="drift on in both servers")
+    parser.add_argument("--simultaneous", action="store_true", help="c=64, both at once")
     args = parser.parse_args()
     request = infer_request(MODEL, VERSION, first_row(MODEL, VERSION), binary=False)
     with tempfile.TemporaryDirectory() as scratch:
@@ -125,10 +177,18 @@ def main() -> None:
             "off": start_server(ports["off"], off_models),
         }
         try:
-            if args.placement == "split":
+            if args.placement == "split" or args.simultaneous:
                 for server in servers.values():
                     pin(server.pid, {1})
                 os.sched_setaffinity(0, {0})
+            if args.simultaneous:
+                print(
+                    f"# {MODEL} v{VERSION}, V2 JSON, 1 row per request, {args.rounds} rounds "
+                    f"of {args.duration:g} s, both servers at once on CPU 1"
+                    f"{', CONTROL: drift on in both servers' if args.control else ''}\n"
+                )
+                simultaneous(ports, request, args.rounds, args.duration)
+                return
             results: dict[tuple[str, int], list[Result]] = {}
             cpu_per_request: dict[tuple[str, int], list[float]] = {}
             for round_number in range(args.rounds):

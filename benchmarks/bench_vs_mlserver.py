@@ -533,10 +533,12 @@ def run_wrk(
     conc: int,
     seconds: float,
     authorization: str = "",
+    version: str | None = None,
 ) -> dict[str, int]:
     """One wrk run; the numbers of the V2RESULT line v2_request.lua prints."""
+    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
     command = [WRK, "-t1", f"-c{conc}", f"-d{seconds:g}s", "--latency", "--timeout", "30s"]
-    command += ["-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}/v2/models/{model}/infer"]
+    command += ["-s", str(LUA_SCRIPT), f"http://127.0.0.1:{port}{path}"]
     env = {**os.environ, "V2_BODY_FILE": str(body), "V2_HEADER_LENGTH": ""}
     env["V2_AUTHORIZATION"] = authorization
     if header_length is not None:
