@@ -69,7 +69,7 @@ def open_loop(server: vs.Server, rate: int, seconds: float, out: Path) -> dict[s
     command += ["--model", MODEL, "--rate", str(rate), "--arrivals", "poisson"]
     command += ["--duration", str(seconds), "--warmup", "0", "--json", str(out)]
     cpu = cpu_seconds(server.process.pid)
-    subprocess.run(vs._pinned(command, vs.placement[1]), check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(vs.pinned(command, vs.placement[1]), check=True, stdout=subprocess.DEVNULL)
     cpu = cpu_seconds(server.process.pid) - cpu
     level = json.loads(out.read_text())["levels"][0]
     if level["errors"]:

@@ -80,7 +80,8 @@ PLACEMENTS: dict[str, tuple[str | None, str | None]] = {
 placement = PLACEMENTS["any"]  # set by main from --placement; read by _spawn and run_wrk
 
 
-def _pinned(command: list[str], cpus: str | None) -> list[str]:
+def pinned(command: list[str], cpus: str | None) -> list[str]:
+    """`command` run under `taskset -c cpus`; as it is when `cpus` is None."""
     return command if cpus is None else ["taskset", "-c", cpus, *command]
 
 
@@ -342,7 +343,7 @@ def write_mlserver_repo(root: Path, models: dict[str, Path], batching: bool, por
 def _spawn(
     command: list[str], cwd: Path, log: Path, env: dict[str, str]
 ) -> subprocess.Popen[bytes]:
-    command = _pinned(command, placement[0])
+    command = pinned(command, placement[0])
     with log.open("wb") as out:
         return subprocess.Popen(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
@@ -543,7 +544,7 @@ def run_wrk(
     env["V2_AUTHORIZATION"] = authorization
     if header_length is not None:
         env["V2_HEADER_LENGTH"] = str(header_length)
-    command = _pinned(command, placement[1])
+    command = pinned(command, placement[1])
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     for line in done.stdout.splitlines():
         if line.startswith("V2RESULT "):
