@@ -482,7 +482,6 @@ class Http2Connection(Http2Endpoint[_Stream]):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._transport = transport
-        self._loop = asyncio.get_running_loop()
         self._connections.add(self)
         settings = struct.pack(
             ">HIHIHIHI",
@@ -761,7 +760,7 @@ class Http2Connection(Http2Endpoint[_Stream]):
             self._send(frame(RST_STREAM, 0, stream.id, struct.pack(">I", ErrorCode.NO_ERROR)))
         del self._streams[stream.id]
         if self._busy_poll is not None:
-            self._busy_poll.answered(self._loop)
+            self._busy_poll.answered(self.loop)
         self._close_when_done()
 
     # -- the connection's end --------------------------------------------------------
