@@ -25,12 +25,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import bench_vs_mlserver as vs
-from bench_dashboard import cpu_seconds
+from bench_dashboard import cpu_seconds, idle_cpu
 from tidegate.config import DEFAULT_BUSY_POLL_US
 
 MODEL = "tabular"
@@ -93,13 +92,6 @@ def measure(
     return loads
 
 
-def idle_cores(server: vs.Server, seconds: float) -> float:
-    """The server's CPU seconds per second with no traffic at all."""
-    cpu = cpu_seconds(server.process.pid)
-    time.sleep(seconds)
-    return (cpu_seconds(server.process.pid) - cpu) / seconds
-
-
 def median_row(samples: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
 
@@ -141,7 +133,7 @@ def main() -> None:
         with vs.running(servers["on"], [MODEL]), vs.running(servers["off"], [MODEL]):
             for window, server in servers.items():
                 vs.check(server, payload, binary=False)
-                samples[window]["idle"] = [{"cores": idle_cores(server, args.idle)}]
+                samples[window]["idle"] = [{"cores": idle_cpu(server.process.pid, args.idle, None)}]
             for round_ in range(args.rounds):
                 order = list(windows) if round_ % 2 == 0 else list(reversed(windows))
                 for window in order:

@@ -137,13 +137,10 @@ def simultaneous(ports: dict[str, int], request: bytes, rounds: int, seconds: fl
     with tempfile.NamedTemporaryFile(suffix=".json") as body:
         Path(body.name).write_bytes(request.split(b"\r\n\r\n", 1)[1])
         at_once(ports, Path(body.name), "on", 1.0)  # warm
-        pairs = [
-            at_once(ports, Path(body.name), ("on", "off")[number % 2], seconds)
-            for number in range(rounds)
-        ]
+        firsts = [("on", "off")[number % 2] for number in range(rounds)]
+        pairs = [at_once(ports, Path(body.name), first, seconds) for first in firsts]
     print("| round | started first | req/s on | req/s off | on/off |\n|---:|---|---:|---:|---:|")
-    for number, pair in enumerate(pairs, 1):
-        first = ("on", "off")[(number - 1) % 2]
+    for number, (first, pair) in enumerate(zip(firsts, pairs, strict=True), 1):
         print(
             f"| {number} | {first} | {pair['on']:,.0f} | {pair['off']:,.0f} | "
             f"{pair['on'] / pair['off']:.3f} |"
