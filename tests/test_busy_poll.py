@@ -19,6 +19,7 @@ import pytest
 import uvloop
 
 from tests.conftest import MODELS, LiveServer, free_port
+from tests.shipped import ShippedVersion, json_request, reference_rows
 from tidegate.busy_poll import BusyPoll
 from tidegate.proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
 
@@ -185,10 +186,11 @@ def serve(start_server, tmp_path: Path) -> Callable[..., LiveServer]:
     return serve
 
 
+WINE_ROW = reference_rows(ShippedVersion("wine", 1), 1)["input"]
+
+
 def wine_body() -> bytes:
-    rows = np.load(MODELS / "wine" / "1" / "reference.npz")["input"][:1]
-    tensor = {"name": "input", "shape": list(rows.shape), "datatype": "FP32"}
-    return orjson.dumps({"inputs": [{**tensor, "data": rows.ravel().tolist()}]})
+    return orjson.dumps(json_request("input", "FP32", WINE_ROW))
 
 
 def infer_over_http(connection: http.client.HTTPConnection, body: bytes) -> None:
@@ -230,10 +232,9 @@ def test_an_http_server_without_busy_polling_sleeps_after_every_response(serve):
 def test_a_grpc_server_spins_only_after_a_quick_comeback(serve):
     grpc_port = free_port()
     server = serve("--grpc-port", str(grpc_port), "--busy-poll-us", str(int(WINDOW * 1e6)))
-    rows = np.load(MODELS / "wine" / "1" / "reference.npz")["input"][:1].astype(np.float32)
     request = pb.ModelInferRequest(model_name="wine")
-    request.inputs.add(name="input", datatype="FP32", shape=list(rows.shape))
-    request.raw_input_contents.append(rows.tobytes())
+    request.inputs.add(name="input", datatype="FP32", shape=list(WINE_ROW.shape))
+    request.raw_input_contents.append(WINE_ROW.astype(np.float32).tobytes())
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         stub.ModelInfer(request, timeout=30)
