@@ -29,7 +29,6 @@ from tidegate.errors import BadRequest, NotFound, TidegateError
 from tidegate.judge import ShadowWindow, VariantWindow
 from tidegate.observer import DriftObserver
 from tidegate.registry import Deployment, Registry
-from tidegate.stats import Timings
 from tidegate.step_windows import StepWindows
 from tidegate.traffic import TrafficPolicy, key_point, random_point
 
@@ -243,8 +242,8 @@ class Traffic:
         finally:
             model.mirroring -= 1
         batch_ns = result.queue_ns + result.run_ns
-        timings = Timings(batch_ns, result.queue_ns, 0, result.run_ns, 0)
-        canary.stats.record_success(rows, timings, time.monotonic_ns(), SHADOW)
+        durations = (batch_ns, result.queue_ns, 0, result.run_ns, 0)
+        canary.stats.record_success(rows, durations, time.monotonic_ns(), SHADOW)
         self.record(windows, True, batch_ns, result.outputs)
         if windows.shadow is not None:
             stable_labels, stable_scores = predictions(answered)

@@ -21,7 +21,6 @@ from tidegate.codec import InferRequest
 from tidegate.errors import TidegateError
 from tidegate.observer import DriftObserver
 from tidegate.registry import Deployment, Registry
-from tidegate.stats import Timings
 from tidegate.traffic import TrafficPolicy
 
 Tensors = dict[str, np.ndarray]
@@ -123,12 +122,12 @@ class InferenceCore:
         finished = time.perf_counter_ns()
         deployment.stats.record_success(
             rows,
-            Timings(
-                total=finished - started,
-                queue=result.queue_ns,
-                compute_input=decode_ns,
-                compute_infer=result.run_ns,
-                compute_output=finished - encode_start,
+            (
+                finished - started,
+                result.queue_ns,
+                decode_ns,
+                result.run_ns,
+                finished - encode_start,
             ),
             time.monotonic_ns(),
             variant.name,
