@@ -80,10 +80,12 @@ class DriftObserver:
         self, monitor: DriftMonitor, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
     ) -> None:
         """Offers a served batch; drops it (counted) rather than wait."""
-        arrays = [inputs[name] for name in monitor.input_names]
+        arrays = [
+            *map(inputs.__getitem__, monitor.input_names),
+            *map(outputs.__getitem__, monitor.output_names),
+        ]
         if arrays[0].ndim and not len(arrays[0]):
             return  # a batch of no rows: nothing to observe
-        arrays += [outputs[name] for name in monitor.output_names]
         pending = monitor.pending
         if not pending.append(arrays, self._capacity, self._max_bytes):
             self._dropped += 1

@@ -19,7 +19,7 @@ at least `COPY_BELOW_BYTES`) is not copied: its own arrays become a segment of
 their own, which costs one kernel call, small next to its size.
 
 The copy is not made per request. A small batch is first staged by reference
-(one list append per tensor: its arrays are the request's own, fresh from
+(one list append: its arrays are the request's own, fresh from
 decoding and from onnxruntime, and nothing writes to them afterwards), and every
 `STAGE_BATCHES` staged batches are copied into the segment in one go, one
 `np.concatenate` per tensor, on the request path that staged the last of them (or
@@ -34,6 +34,7 @@ nothing. The lock is held for a copy or a swap, never for work. The bytes waitin
 are counted, so that a caller can drain early and bound them.
 """
 
+import operator
 import threading
 from dataclasses import dataclass
 
@@ -44,6 +45,25 @@ SEGMENT_BYTES = 1 << 20
 SEGMENT_ROWS = 4096  # about, at most: the kernels' slowest path (labels) is per row
 # Small batches staged by reference before they are copied into a segment together.
 STAGE_BATCHES = 32
+_NBYTES = operator.attrgetter("nbytes")
+
+
+def _joined(batches: list[list[np.ndarray]]) -> list[np.ndarray] | None:
+    """Each tensor's arrays joined along their rows; None if their row shapes or dtypes
+    differ, or one is 0-d."""
+    try:
+        # casting="no": a batch of another dtype fails the join rather than widen the rest.
+        return [
+            np.concatenate(column, dtype=column[0].dtype, casting="no")
+            for column in zip(*batches, strict=True)
+        ]
+    except (ValueError, TypeError):
+        return None
+
+
+def _with_rows(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """`arrays` with a 0-d array (one row of a scalar output) as one row."""
+    return [array if array.ndim else array.reshape(1) for array in arrays]
 
 
 @dataclass(slots=True, eq=False)
@@ -103,8 +123,8 @@ class PendingBatches:
         self._lock = threading.Lock()
         self._segments: list[Segment] = []
         self._open: Segment | None = None
-        self._staged: list[list[np.ndarray]] = [[] for _ in range(tensors)]  # per tensor
-        self._staged_batches = 0
+        self._tensors = tensors
+        self._staged: list[list[np.ndarray]] = []  # whole batches, as appended
         self.batches = 0
         self.nbytes = 0
 
@@ -114,24 +134,19 @@ class PendingBatches:
     def append(self, arrays: list[np.ndarray], capacity: int, max_bytes: int) -> bool:
         """Adds one batch's arrays (one per tensor, rows on axis 0; a 0-d array is one
         row); False when `capacity` batches or `max_bytes` bytes would wait."""
-        if len(arrays) != len(self._staged):  # checked first: the staged stay aligned
-            raise ValueError(f"a batch of {len(arrays)} tensors, not {len(self._staged)}")
-        size = 0
-        for i, array in enumerate(arrays):
-            if not array.ndim:
-                arrays[i] = array.reshape(1)
-            size += array.nbytes
+        if len(arrays) != self._tensors:  # checked first: the staged stay aligned
+            raise ValueError(f"a batch of {len(arrays)} tensors, not {self._tensors}")
+        size = sum(map(_NBYTES, arrays))
         with self._lock:
             if self.batches >= capacity or self.nbytes + size > max_bytes:
                 return False
             if size >= COPY_BELOW_BYTES:
                 self._copy_staged()  # the staged ones first, as they came
-                self._segments.append(Segment.borrowed(arrays))
+                self._segments.append(Segment.borrowed(_with_rows(arrays)))
             else:
-                for column, array in zip(self._staged, arrays, strict=False):
-                    column.append(array)
-                self._staged_batches += 1
-                if self._staged_batches >= STAGE_BATCHES:
+                staged = self._staged
+                staged.append(arrays)
+                if len(staged) >= STAGE_BATCHES:
                     self._copy_staged()
             self.batches += 1
             self.nbytes += size
@@ -140,23 +155,18 @@ class PendingBatches:
     def _copy_staged(self) -> None:
         """Copies the staged batches into segments: joined, one copy per tensor, when
         their row shapes and dtypes agree, else one at a time. The lock is held."""
-        if not self._staged_batches:
+        if not self._staged:
             return
-        staged, batches = self._staged, self._staged_batches
-        self._staged = [[] for _ in staged]
-        self._staged_batches = 0
-        try:
-            # casting="no": a batch of another dtype fails the join rather than widen the rest.
-            joined = [
-                np.concatenate(column, dtype=column[0].dtype, casting="no") for column in staged
-            ]
-        except (ValueError, TypeError):  # row shapes or dtypes differ
-            joined = None
+        staged, self._staged = self._staged, []
+        joined = _joined(staged)
+        if joined is None:  # a 0-d array, of a scalar output, joins as one row
+            staged = [_with_rows(arrays) for arrays in staged]
+            joined = _joined(staged)
         if joined is not None and len(joined[0]) <= SEGMENT_ROWS:
-            self._add(joined, batches)
+            self._add(joined, len(staged))
             return
-        for batch in zip(*staged, strict=True):  # in segments of about SEGMENT_ROWS
-            self._add(list(batch), 1)
+        for batch in staged:  # in segments of about SEGMENT_ROWS
+            self._add(batch, 1)
 
     def _add(self, arrays: list[np.ndarray], batches: int) -> None:
         if self._open is None or not self._open.add(arrays, batches):
