@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 from tidegate.errors import BadRequest
-from tidegate.protocol import DATATYPES, Datatype, ModelMetadata, TensorSpec
+from tidegate.protocol import DATATYPES, Datatype, ModelMetadata, RequestedOutput, TensorSpec
 
 _LENGTH = struct.Struct("<I")
 # Which numpy kinds a JSON array may hold for each kind of V2 datatype: integers
@@ -32,13 +32,7 @@ _LENGTH = struct.Struct("<I")
 _ACCEPTED_KINDS = {"f": "fiu", "i": "iu", "u": "iu", "b": "b"}
 
 
-@dataclass(slots=True)  # not frozen: see `InferRequest`
-class RequestedOutput:
-    name: str
-    binary: bool
-
-
-# The values made per request (this, `RequestedOutput`, `batcher.BatchResult`,
+# The values made per request (this, `protocol.RequestedOutput`, `batcher.BatchResult`,
 # `serving.Served`) are plain slotted dataclasses, not frozen ones: a frozen one sets
 # each field through `object.__setattr__`, four times the cost of a plain one.
 @dataclass(slots=True)
@@ -471,9 +465,7 @@ def encode_response(
         The body and, when any output is binary, the length of its JSON part (the
         value of the `Inference-Header-Content-Length` response header).
     """
-    wanted = request.outputs or tuple(
-        RequestedOutput(spec.name, request.binary_output) for spec in meta.outputs
-    )
+    wanted = request.outputs or meta.every_output[request.binary_output]
     specs = meta.outputs_by_name
     entries = []
     blobs: list[bytes | memoryview] = []

@@ -16,7 +16,6 @@ import numpy as np
 
 from tidegate.codec import (
     InferRequest,
-    RequestedOutput,
     check_batch,
     check_complete,
     from_binary,
@@ -29,7 +28,7 @@ from tidegate.codec import (
     to_datatype,
 )
 from tidegate.errors import BadRequest
-from tidegate.protocol import ModelMetadata, TensorSpec
+from tidegate.protocol import ModelMetadata, RequestedOutput, TensorSpec
 
 # The typed field of InferTensorContents that holds each datatype (FP16 has none).
 _CONTENTS = {

@@ -42,6 +42,15 @@ log = logging.getLogger("tidegate.infer")
 
 JSON_TYPE = (b"content-type", b"application/json")
 _BINARY_TYPE = (b"content-type", b"application/octet-stream")
+# The request headers an infer request's answer reads.
+_READ_HEADERS = frozenset(
+    (
+        b"content-length",
+        b"content-encoding",
+        b"inference-header-content-length",
+        b"tidegate-routing-key",
+    )
+)
 # gzip and zlib framing are both accepted for "deflate", as browsers and curl do.
 _DECOMPRESSORS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": 32 + zlib.MAX_WBITS}
 
@@ -215,57 +224,46 @@ class InferRouter:
         response through `write`; then hands the batch to the drift statistics."""
         self.in_flight += 1
         try:
-            await self._answer(method, path, target, headers, read, write)
+            served = None
+            started = time.perf_counter_ns()
+            sampled = self.request_log is not None and self.request_log.sampled()
+            received: list[bytes] = []
+            if sampled and self.request_log is not None and self.request_log.config.payload:
+                read = _capturing(read, received)
+            error = None
+            try:
+                if method != "POST":
+                    raise MethodNotAllowed(f"{method} is not allowed on {path}")
+                served = await self._infer(headers, read, *target)
+                status, response_headers, body = 200, _headers(served), served.payload[0]
+            except TidegateError as exc:
+                status, response_headers, body = error_parts(exc)
+                error = exc.message
+                log.info(
+                    "%s %s: %d %s",
+                    method,
+                    path,
+                    status,
+                    error,
+                    extra={"model": target[0], "status": status},
+                )
+            except ClientGone:
+                return
+            except Exception as exc:  # a bug, not bad input: log it, answer in the V2 format
+                log.exception("unexpected error on %s %s", method, path)
+                status, response_headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
+                body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
+            await write(status, response_headers, body)
+            if served is not None:  # only now, with the answer handed back
+                self.core.after(served)
+            if sampled and self.request_log is not None:
+                entry = _log_entry(target, started, served, int(status), error)
+                if received:
+                    entry["request"] = received[0]
+                    entry["response"] = body
+                self.request_log.record(entry)
         finally:
             self.in_flight -= 1
-
-    async def _answer(
-        self,
-        method: str,
-        path: str,
-        target: tuple[str, str | None],
-        headers: Headers,
-        read: BodyReader,
-        write: Writer,
-    ) -> None:
-        served = None
-        started = time.perf_counter_ns()
-        sampled = self.request_log is not None and self.request_log.sampled()
-        received: list[bytes] = []
-        if sampled and self.request_log is not None and self.request_log.config.payload:
-            read = _capturing(read, received)
-        error = None
-        try:
-            if method != "POST":
-                raise MethodNotAllowed(f"{method} is not allowed on {path}")
-            served = await self._infer(headers, read, *target)
-            status, response_headers, body = 200, _headers(served), served.payload[0]
-        except TidegateError as exc:
-            status, response_headers, body = error_parts(exc)
-            error = exc.message
-            log.info(
-                "%s %s: %d %s",
-                method,
-                path,
-                status,
-                error,
-                extra={"model": target[0], "status": status},
-            )
-        except ClientGone:
-            return
-        except Exception as exc:  # a bug, not bad input: log it, answer in the V2 format
-            log.exception("unexpected error on %s %s", method, path)
-            status, response_headers = HTTPStatus.INTERNAL_SERVER_ERROR, [JSON_TYPE]
-            body = orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
-        await write(status, response_headers, body)
-        if served is not None:  # only now, with the answer handed back
-            self.core.after(served)
-        if sampled and self.request_log is not None:
-            entry = _log_entry(target, started, served, int(status), error)
-            if received:
-                entry["request"] = received[0]
-                entry["response"] = body
-            self.request_log.record(entry)
 
     async def _infer(
         self, headers: Headers, read: BodyReader, model: str, version: str | None
@@ -292,6 +290,8 @@ class InferRouter:
         decoding took."""
         content_length = content_encoding = header_length = key = None
         for name, value in headers:
+            if name not in _READ_HEADERS:  # one lookup for the many headers read past
+                continue
             if name == b"content-length":
                 content_length = value.decode("latin-1")
             elif name == b"content-encoding":

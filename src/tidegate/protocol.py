@@ -84,6 +84,15 @@ class TensorSpec:
         return {"name": self.name, "datatype": self.datatype.name, "shape": list(self.shape)}
 
 
+# Not frozen, as the other values made per request (see `codec.InferRequest`).
+@dataclass(slots=True)
+class RequestedOutput:
+    """An output a request asks for, and whether in binary (Triton's binary data)."""
+
+    name: str
+    binary: bool
+
+
 @dataclass(slots=True, frozen=True)
 class ModelMetadata:
     """The tensors of one model version, in the order the model declares them."""
@@ -95,6 +104,11 @@ class ModelMetadata:
     batched: bool = field(init=False)
     inputs_by_name: dict[str, TensorSpec] = field(init=False)
     outputs_by_name: dict[str, TensorSpec] = field(init=False)
+    # What a request that names no outputs gets: every output, in JSON (index False)
+    # or binary (True).
+    every_output: tuple[tuple[RequestedOutput, ...], tuple[RequestedOutput, ...]] = field(
+        init=False
+    )
 
     def __post_init__(self) -> None:
         specs = self.inputs + self.outputs
@@ -102,3 +116,8 @@ class ModelMetadata:
         object.__setattr__(self, "batched", batched)
         object.__setattr__(self, "inputs_by_name", {spec.name: spec for spec in self.inputs})
         object.__setattr__(self, "outputs_by_name", {spec.name: spec for spec in self.outputs})
+        every = tuple(
+            tuple(RequestedOutput(spec.name, binary) for spec in self.outputs)
+            for binary in (False, True)
+        )
+        object.__setattr__(self, "every_output", every)
