@@ -17,7 +17,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
 import orjson
@@ -47,27 +47,19 @@ class InferRequest:
     routing_key: bytes | None  # the `routing_key` parameter: which side of a canary split
 
 
-def _dimensions(raw: object) -> TypeGuard[list[int]]:
-    """Whether `raw` is a list of non-negative integers."""
-    if type(raw) is not list:
-        return False
-    for size in raw:
-        if type(size) is not int or size < 0:
-            return False
-    return True
-
-
 def tensor_shape(spec: TensorSpec, raw: object) -> tuple[int, ...]:
-    # Loops, not all() and any() over generators: a request's shape has a few
-    # dimensions, and two generators cost more than the checks themselves.
-    if not _dimensions(raw):
-        raise BadRequest(f"input '{spec.name}': shape must be a list of non-negative integers")
-    if len(raw) == len(spec.shape):
+    """`raw` as the input's shape: a list of non-negative integers that fits the
+    model's shape (-1: any size). One loop over the dimensions, not all() and any()
+    over generators: a request's shape has a few, and generators cost more than the
+    checks themselves."""
+    if type(raw) is list and len(raw) == len(spec.shape):
         for want, got in zip(spec.shape, raw, strict=True):
-            if want != got and want != -1:
+            if type(got) is not int or got < 0 or (want != got and want != -1):
                 break
         else:
             return tuple(raw)
+    if type(raw) is not list or not all(type(size) is int and size >= 0 for size in raw):
+        raise BadRequest(f"input '{spec.name}': shape must be a list of non-negative integers")
     raise BadRequest(
         f"input '{spec.name}': shape {raw} does not fit the model's shape {list(spec.shape)}"
     )
@@ -211,8 +203,6 @@ def _object(value: object, what: str) -> dict[str, Any]:
 def _requested_outputs(
     raw: object, meta: ModelMetadata, binary_default: bool
 ) -> tuple[RequestedOutput, ...]:
-    if raw is None:
-        return ()
     if not isinstance(raw, list):
         raise BadRequest("'outputs' must be a JSON array")
     names = meta.outputs_by_name
@@ -300,9 +290,9 @@ def decode_request(
         name = entry.get("name")
         spec = input_spec(meta, name, entry.get("datatype"), arrays)
         shape = tensor_shape(spec, entry.get("shape"))
-        size = _binary_size(
-            spec, _object(entry.get("parameters", {}), f"input '{name}' parameters")
-        )
+        size = None
+        if "parameters" in entry:  # most JSON inputs have none
+            size = _binary_size(spec, _object(entry["parameters"], f"input '{name}' parameters"))
         if size is None:
             if "data" not in entry:
                 raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
@@ -324,16 +314,20 @@ def decode_request(
         )
     check_batch(arrays, meta, max_batch_size)
 
-    parameters = _object(request.get("parameters", {}), "request parameters")
+    parameters = (
+        _object(request["parameters"], "request parameters") if "parameters" in request else {}
+    )
     binary_output = parameters.get("binary_data_output") is True
+    raw_outputs = request.get("outputs")
     request_id = request.get("id")
+    # Most requests have neither parameters nor outputs: no calls for them.
     return InferRequest(
         id=request_id if isinstance(request_id, str) else None,
         inputs=arrays,
-        outputs=_requested_outputs(request.get("outputs"), meta, binary_output),
+        outputs=() if raw_outputs is None else _requested_outputs(raw_outputs, meta, binary_output),
         binary_output=binary_output,
-        timeout_us=timeout_parameter(parameters.get("timeout")),
-        routing_key=routing_key_parameter(parameters.get("routing_key")),
+        timeout_us=timeout_parameter(parameters.get("timeout")) if parameters else None,
+        routing_key=routing_key_parameter(parameters.get("routing_key")) if parameters else None,
     )
 
 

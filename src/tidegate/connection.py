@@ -136,9 +136,10 @@ class HttpProtocol(HttpToolsProtocol):
         if isinstance(transport, _OneWriteTransport):
             transport.flush()  # a HEAD response, or a body-less one, wrote no body
         self.server_state.total_requests += 1
-        if transport.is_closing():
+        if self._raw_transport.is_closing():  # the socket's own (uvloop's, in C)
             return
-        self.flow.resume_reading()
+        if self.flow.read_paused:  # rarely: the only call uvicorn's resume_reading makes
+            self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
             self._start_asgi_task(cycle, app)

@@ -170,7 +170,8 @@ class VersionStats:
     def fold(self) -> None:
         """Adds up the records appended so far."""
         with self._folding:
-            for variant, records in self._answered.items():
+            # A copy: the event loop may add a variant while a reader's thread folds.
+            for variant, records in list(self._answered.items()):
                 answered = _taken(records)
                 if answered is not None:
                     self._fold_answered(variant, answered)
