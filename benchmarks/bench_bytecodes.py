@@ -7,10 +7,13 @@ tabular model (breast_cancer v1, V2 JSON) straight into the server's own HTTP/1.
 protocol (`connection.HttpProtocol`, the parser, the direct answer, the batcher, the
 codec, statistics, the drift hand-over), with a transport that keeps what is written
 instead of sending it, and counts every bytecode (`sys.settrace` opcode events) of
-`--requests` requests after a warm-up. Each run is inline on the event loop, as at
-concurrency 1. No network, no timing: the same code gives the same count.
+`--requests` requests per connection after a warm-up. Each connection sends its next
+request as soon as its answer is written, as wrk does: with one connection that is
+concurrency 1, with `--connections 32` requests arrive while others wait, and run in
+batches. Runs are on the event loop. No network, no timing: the same code gives the
+same count.
 
-    python benchmarks/bench_bytecodes.py [--requests 200] [--top 25]
+    python benchmarks/bench_bytecodes.py [--requests 200] [--connections 1] [--top 25]
 """
 
 import argparse
@@ -88,14 +91,16 @@ class Counter:
         return self
 
 
-def _harness(frame: FrameType) -> bool:
-    """Whether `frame` is this benchmark's own work: its transport's `write`, or what
-    `count` calls other than the protocol's `data_received` (its waiting)."""
-    if frame.f_code is KeptTransport.write.__code__:
-        return True
-    while frame.f_back is not None:
-        if frame.f_back.f_code is count.__code__:
-            return frame.f_code.co_name != "data_received"
+def _harness(frame: FrameType | None) -> bool:
+    """Whether `frame` is this benchmark's own work: a client, its transport's `write`
+    and what that calls, or what a client calls other than the protocol's
+    `data_received` (its waiting)."""
+    while frame is not None:
+        code = frame.f_code
+        if code is KeptTransport.write.__code__ or code is _client.__code__:
+            return True
+        if frame.f_back is not None and frame.f_back.f_code is _client.__code__:
+            return code.co_name != "data_received"
         frame = frame.f_back
     return False
 
@@ -123,7 +128,20 @@ def _repository(root: Path) -> Path:
     return root
 
 
-async def count(requests: int, repository: Path) -> Counter:
+async def _client(
+    protocol: asyncio.Protocol, transport: KeptTransport, request: bytes, requests: int
+) -> None:
+    """Sends `requests` requests in turn, each as soon as the answer before is written
+    (as wrk does): with several connections, requests keep arriving while others
+    wait for their batch, as under load."""
+    for _ in range(requests):
+        transport.wrote.clear()
+        protocol.data_received(request)
+        await transport.wrote.wait()  # the answer (at once, or once its task ran)
+
+
+async def count(requests: int, connections: int, repository: Path) -> Counter:
+    """Counts `requests` requests on each of `connections` connections."""
     app = create_app(ServerConfig(repository))
     await app.direct_infer.router.core.registry.load_all()
     config = uvicorn.Config(
@@ -138,34 +156,42 @@ async def count(requests: int, repository: Path) -> Counter:
     config.load()
     state = ServerState()
     state.default_headers = [DATE]
-    protocol = config.http_protocol_class(config, state, {}, asyncio.get_running_loop())
-    transport = KeptTransport()
-    protocol.connection_made(transport)
+    loop = asyncio.get_running_loop()
+    clients = []
+    for _ in range(connections):
+        protocol = config.http_protocol_class(config, state, {}, loop)
+        transport = KeptTransport()
+        protocol.connection_made(transport)
+        clients.append((protocol, transport))
     # To the model, not a version, as bench_vs_mlserver's wrk sends it.
     request = infer_request("breast_cancer", 1, first_row("breast_cancer", 1), binary=False)
     request = request.replace(b"/versions/1/infer", b"/infer", 1)
     counter = Counter()
-    for index in range(WARM_UP + requests):
-        if index == WARM_UP:
-            sys.settrace(counter)
-        transport.wrote.clear()
-        protocol.data_received(request)
-        await transport.wrote.wait()  # the answer (at once, or once its task ran)
+    await asyncio.gather(*(_client(p, t, request, WARM_UP) for p, t in clients))
+    sys.settrace(counter)
+    await asyncio.gather(*(_client(p, t, request, requests) for p, t in clients))
     sys.settrace(None)
-    assert len(transport.written) == WARM_UP + requests
-    answer = transport.written[-1]
-    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    for _, transport in clients:
+        assert len(transport.written) == WARM_UP + requests
+        answer = transport.written[-1]
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     return counter
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="counted requests")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="requests sent at once, one per connection (over 1: they run in batches)",
+    )
     parser.add_argument("--top", type=int, default=25, help="functions listed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
-        counter = uvloop.run(count(args.requests, _repository(Path(root))))
-    per = args.requests
+        counter = uvloop.run(count(args.requests, args.connections, _repository(Path(root))))
+    per = args.requests * args.connections
     opcodes, calls = counter.opcodes, counter.calls
     print(
         f"breast_cancer v1, V2 JSON, one row: {sum(opcodes.values()) / per:.0f} bytecodes and "
