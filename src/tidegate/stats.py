@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 
@@ -20,6 +20,7 @@ LATENCY_BOUNDS_S = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
     0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+_T = TypeVar("_T")
 _BOUNDS_NS_ARRAY = np.array([round(bound * 1e9) for bound in LATENCY_BOUNDS_S], dtype=np.int64)
 
 
@@ -90,6 +91,27 @@ def _taken(records: list[tuple[int, ...]]) -> np.ndarray | None:
     return taken
 
 
+class _Folded(Generic[_T]):
+    """A figure of `VersionStats` read up to date: its records added up (`fold`), then
+    the attribute of the same name with a leading underscore."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._stored = "_" + name
+
+    @overload
+    def __get__(self, stats: None, owner: type) -> "_Folded[_T]": ...
+
+    @overload
+    def __get__(self, stats: "VersionStats", owner: type) -> _T: ...
+
+    def __get__(self, stats: "VersionStats | None", owner: type) -> "_T | _Folded[_T]":
+        if stats is None:
+            return self
+        stats.fold()
+        value: _T = getattr(stats, self._stored)
+        return value
+
+
 class VersionStats:
     """One version's statistics: what Triton's extension reports, and per variant the
     latency histograms and failures of /metrics.
@@ -97,11 +119,23 @@ class VersionStats:
     The request path only appends what it measured: a tuple per answered request
     (`record_success`) and per model run (`record_execution`). The sums, counts and
     histograms are added up from them, with numpy, every `FOLD_EVERY` records and
-    whenever they are read (the properties). Adding field by field cost each request
+    whenever they are read (`_Folded`). Adding field by field cost each request
     eleven calls and about 350 bytecodes, an eighth of the Python it ran on its way
     through the server; an append costs a few. Requests are recorded on the event
     loop, runs on pool threads too: the adding up takes a lock, the appends need none.
     """
+
+    # Read up to date (`_Folded`); per batch size (rows of a run) the runs' times, per
+    # variant the latency histograms of its successful requests.
+    success: "_Folded[Duration]" = _Folded()
+    queue: "_Folded[Duration]" = _Folded()
+    compute_input: "_Folded[Duration]" = _Folded()
+    compute_infer: "_Folded[Duration]" = _Folded()
+    compute_output: "_Folded[Duration]" = _Folded()
+    inference_count: "_Folded[int]" = _Folded()
+    execution_count: "_Folded[int]" = _Folded()
+    batches: "_Folded[dict[int, BatchStats]]" = _Folded()
+    latency: "_Folded[dict[str, Latency]]" = _Folded()
 
     __slots__ = (
         "_answered",
@@ -212,53 +246,6 @@ class VersionStats:
             _add(batch.compute_input, count, merge)
             _add(batch.compute_infer, count, run)
             _add(batch.compute_output, count, split)
-
-    @property
-    def success(self) -> Duration:
-        self.fold()
-        return self._success
-
-    @property
-    def queue(self) -> Duration:
-        self.fold()
-        return self._queue
-
-    @property
-    def compute_input(self) -> Duration:
-        self.fold()
-        return self._compute_input
-
-    @property
-    def compute_infer(self) -> Duration:
-        self.fold()
-        return self._compute_infer
-
-    @property
-    def compute_output(self) -> Duration:
-        self.fold()
-        return self._compute_output
-
-    @property
-    def inference_count(self) -> int:
-        self.fold()
-        return self._inference_count
-
-    @property
-    def execution_count(self) -> int:
-        self.fold()
-        return self._execution_count
-
-    @property
-    def batches(self) -> dict[int, BatchStats]:
-        """Per batch size (rows of a run): the runs' times."""
-        self.fold()
-        return self._batches
-
-    @property
-    def latency(self) -> dict[str, Latency]:
-        """Per variant: the latency histograms of its successful requests."""
-        self.fold()
-        return self._latency
 
     def record_failure(self, total_ns: int, now_ns: int, variant: str = "stable") -> None:
         self.failures[variant] = self.failures.get(variant, 0) + 1
